@@ -1,0 +1,144 @@
+"""The Python API the CLI calls: build a run from a config, train it, evaluate checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig, build_config
+from .data import DataBundle, ImageData, build_data
+from .engine.checkpoint import safe_load
+from .engine.runlog import environment
+from .engine.trainer import autocast_context, evaluate, fit
+from .errors import CheckpointError, ConfigError
+from .methods import METHODS, Distiller, TaskInfo
+from .models import create_model, extract_state_dict, load_state_dict_strict
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu (or auto).")
+    return device
+
+
+def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
+    """Create a zoo model sized for ``data`` and load its checkpoint when one is named."""
+    model = create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)
+    if model_cfg.checkpoint:
+        payload = safe_load(model_cfg.checkpoint)
+        if isinstance(payload, dict) and payload.get("format") == "gapkd-model":
+            if payload.get("num_classes") not in (None, data.num_classes):
+                raise CheckpointError(
+                    f"{role} checkpoint {model_cfg.checkpoint} was trained for {payload['num_classes']} classes but "
+                    f"{data.name} has {data.num_classes}; train a {role} on this dataset first (gapkd train)."
+                )
+            if payload.get("model", model_cfg.name).lower() != model_cfg.name.lower():
+                raise CheckpointError(
+                    f"{role} checkpoint {model_cfg.checkpoint} holds a {payload['model']!r}, but {role}.name is "
+                    f"{model_cfg.name!r}; set {role}.name={payload['model']}."
+                )
+        load_state_dict_strict(model, extract_state_dict(payload), source=f"{role} checkpoint {model_cfg.checkpoint}")
+    return model
+
+
+def build_distiller(cfg: RunConfig, data: ImageData, num_train: int) -> Distiller:
+    method = METHODS.get(cfg.method.name)
+    student = build_model(cfg.student, data, "student")
+    teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher is not None and method.needs_teacher else None
+    task = TaskInfo(data.num_classes, data.in_channels, data.image_size, num_train)
+    return method(student, teacher, task=task, **cfg.method.hparams)
+
+
+def run_dir_for(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / (cfg.name or cfg.default_name())
+
+
+def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: ImageData | None = None) -> dict[str, Any]:
+    """Train (or distil) one run to completion, resuming it if it was interrupted; returns summary.json."""
+    run_dir = run_dir_for(cfg)
+    summary_path = run_dir / "summary.json"
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("config_hash") == cfg.hparams_hash():
+            if echo:
+                print(f"{run_dir} is already finished (pass --overwrite to run it again).")
+            return summary
+        raise ConfigError(f"{run_dir} holds a finished run with a different config; choose another run.name or pass --overwrite.")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.seed)
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+    bundle = build_data(cfg.data, device, cfg.seed, channels_last, data=data)
+    distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples).to(device)
+    if channels_last:
+        distiller = distiller.to(memory_format=torch.channels_last)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    env = environment(device)
+    env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
+                   "test": bundle.test.num_samples, "classes": bundle.num_classes}
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    if distiller.teacher is not None:
+        amp_ctx, _ = autocast_context(device, cfg.train.amp)
+        teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
+    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo)
+    summary = result.summary
+    if distiller.teacher is not None:
+        summary.update(teacher_acc)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
+    from .methods.ce import CrossEntropy
+
+    probe = CrossEntropy(teacher).eval()
+    out = {"teacher_test_acc": evaluate(probe, bundle.test, amp_ctx)["student"]}
+    if bundle.val is not None:
+        out["teacher_val_acc"] = evaluate(probe, bundle.val, amp_ctx)["student"]
+    return out
+
+
+def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
+    """Train a model with labels only (teachers, baselines). ``overrides``: dotted key=value strings or a dict."""
+    cfg = build_config({"method": {"name": "ce"}}, config, overrides)
+    return run(cfg, **kwargs)
+
+
+def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
+    """Distil a student from a teacher checkpoint with the method the config names (default kd)."""
+    cfg = build_config({"method": {"name": "kd"}}, config, overrides)
+    return run(cfg, **kwargs)
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto") -> dict:
+    """Accuracy of a model checkpoint on the validation and test splits of a dataset."""
+    from .config import ModelConfig
+    from .methods.ce import CrossEntropy
+
+    payload = safe_load(checkpoint)
+    name = model_name or (payload.get("model") if isinstance(payload, dict) else None)
+    if not name:
+        raise ConfigError(f"{checkpoint} does not record its architecture; pass --model NAME.")
+    options = payload.get("options", {}) if isinstance(payload, dict) and payload.get("format") == "gapkd-model" else {}
+    torch_device = resolve_device(device)
+    bundle = build_data(data_cfg, torch_device, 0)
+    model = build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), bundle.data, "model")
+    probe = CrossEntropy(model.to(torch_device)).eval()
+    amp_ctx, _ = autocast_context(torch_device, "auto")
+    out = {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name, "test_acc": evaluate(probe, bundle.test, amp_ctx)["student"]}
+    if bundle.val is not None:
+        out["val_acc"] = evaluate(probe, bundle.val, amp_ctx)["student"]
+    return out

@@ -1,0 +1,196 @@
+"""The ``gapkd`` command: thin; parses arguments and calls the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from .errors import GapkdError
+
+EXAMPLES = {
+    "train": """
+        examples:
+          gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz \\
+              data.train_subset=2000 train.epochs=1 run.name=teacher-r56
+          gapkd train -c configs/cifar100/resnet56.yaml train.epochs=240
+    """,
+    "distill": """
+        examples:
+          gapkd distill teacher.name=resnet56 teacher.checkpoint=runs/teacher-r56/checkpoints/best.pt \\
+              student.name=resnet20 method.name=kd method.temperature=4 data.name=cifar10-jpg train.epochs=1
+          gapkd distill -c configs/cifar100/resnet56-resnet20/kd.yaml seed=1
+    """,
+    "eval": """
+        examples:
+          gapkd eval runs/teacher-r56/checkpoints/best.pt data.name=cifar10-jpg
+          gapkd eval resnet56_cifar100.pth --model resnet56 data.name=cifar100 --json
+    """,
+    "list": """
+        examples:
+          gapkd list models
+          gapkd list methods --verbose
+    """,
+    "quickstart": """
+        examples:
+          gapkd quickstart                     # digits, about a minute on 2 CPU cores
+          gapkd quickstart --dataset fashion-mnist --epochs 3
+    """,
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="YAML recipe (keys: data, student, teacher, method, optim, schedule, train, seed, ...)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=10")
+    parser.add_argument("--data-root", help="data root (default: $GAPKD_DATA, then ~/.cache/gapkd/data)")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (train.log still has them)")
+
+
+def _overrides(args) -> list[str]:
+    overrides = []
+    for item in args.overrides:
+        # "run.name=x" and "run.out_dir=y" are friendlier spellings of the top-level keys
+        if item.startswith("run."):
+            item = item[len("run."):]
+        overrides.append(item)
+    if getattr(args, "data_root", None):
+        overrides.append(f"data.root={args.data_root}")
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gapkd",
+        description="Knowledge distillation across the teacher-student capacity gap.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `gapkd COMMAND --help` for each command's options and examples.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=textwrap.dedent(EXAMPLES.get(name, "")),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
+    _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
+
+    ev = add("eval", "Evaluate a model checkpoint on the validation and test splits of a dataset.")
+    ev.add_argument("checkpoint")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="data.* keys, e.g. data.name=cifar10-jpg")
+    ev.add_argument("--model", help="architecture, when the checkpoint does not record it (foreign checkpoints)")
+    ev.add_argument("--data-root")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print JSON only")
+
+    ls = add("list", "List registered models, methods or datasets (one name per line first).")
+    ls.add_argument("what", choices=["models", "methods", "datasets"])
+    ls.add_argument("--verbose", "-v", action="store_true", help="add details after each name")
+
+    qs = add("quickstart", "Offline demo on real data: teacher, from-scratch student and distilled students, with a table.")
+    qs.add_argument("--dataset", default="digits", help="digits (default) or fashion-mnist (when installed)")
+    qs.add_argument("--epochs", type=int, default=None, help="student epochs (default depends on the dataset)")
+    qs.add_argument("--out-dir", default="runs/quickstart")
+    qs.add_argument("--data-root")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except GapkdError as error:
+        print(f"gapkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `gapkd list models | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
+        return 130
+
+
+def _train(args) -> int:
+    from . import api
+
+    summary = api.train(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _distill(args) -> int:
+    from . import api
+
+    summary = api.distill(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from . import api
+    from .config import DataConfig, merge, parse_overrides
+
+    tree = parse_overrides(_overrides(args))
+    unknown = [k for k in tree if k != "data"]
+    if unknown:
+        raise GapkdError(f"eval takes only data.* overrides, got {unknown}.")
+    try:
+        data_cfg = DataConfig.model_validate(merge({}, tree.get("data", {})))
+    except Exception as error:  # pydantic's message names the key
+        raise GapkdError(f"bad data option: {error}") from None
+    result = api.evaluate_checkpoint(args.checkpoint, data_cfg, args.model, args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>12}: {value:.2f}" if isinstance(value, float) else f"{key:>12}: {value}")
+    return 0
+
+
+def _list(args) -> int:
+    if args.what == "models":
+        from .models import MODELS
+
+        for name in MODELS.names():
+            if not args.verbose:
+                print(name)
+                continue
+            from .models.info import describe_model
+
+            print(describe_model(name))
+    elif args.what == "methods":
+        from .methods import METHODS
+
+        for name in METHODS.names():
+            cls = METHODS.get(name)
+            print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
+    else:
+        from .data import DATASETS
+
+        for name in DATASETS.names():
+            doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()
+            print(f"{name:<14} {doc[0] if doc else ''}" if args.verbose else name)
+    return 0
+
+
+def _quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    quickstart(dataset=args.dataset, epochs=args.epochs, out_dir=args.out_dir, data_root=args.data_root)
+    return 0
+
+
+COMMANDS = {"train": _train, "distill": _distill, "eval": _eval, "list": _list, "quickstart": _quickstart}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The one config schema (pydantic), YAML recipes and dotted ``key=value`` overrides.
+
+A run is fully described by a :class:`RunConfig`; what is written to a run directory's
+``config.yaml`` loads back to the same run. Method hyper-parameters live in each method's
+own dataclass and are validated against it here, so a typo anywhere fails before training.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError, suggest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Strict):
+    crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop)")
+    flip: bool = Field(True, description="random horizontal flip")
+
+
+class DataConfig(_Strict):
+    name: str = Field("digits", description="dataset name (gapkd list datasets)")
+    root: Optional[str] = Field(None, description="data root; default $GAPKD_DATA, then ~/.cache/gapkd/data")
+    path: Optional[str] = Field(None, description="explicit folder or tarball (image-folder datasets)")
+    verify: bool = Field(True, description="check official files against their published checksums")
+    download: bool = Field(False, description="download missing official files (needs a network)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for validation (stratified)")
+    split_seed: int = Field(0, description="seed of the train/validation split (fixed across runs)")
+    train_subset: Optional[int] = Field(None, ge=1, description="keep only this many training samples (stratified)")
+    test_subset: Optional[int] = Field(None, ge=1, description="evaluate on only this many test samples (stratified)")
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    drop_last: bool = Field(False, description="drop the last incomplete training batch")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(..., description="model name (gapkd list models)")
+    checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher)")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
+
+
+class MethodConfig(BaseModel):
+    """``name`` plus the method's hyper-parameters, validated against its dataclass."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ce"
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = Field(default_factory=lambda: [150, 180, 210], description="epochs where step decay applies")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0, description="cosine floor")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length in epochs")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(240, ge=1)
+    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm over ALL trained parameters")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
+    channels_last: Optional[bool] = Field(None, description="default: on for CUDA")
+    compile: bool = False
+    deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU holds without it)")
+    log_every: int = Field(50, ge=1, description="steps between progress updates")
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss: stop, or skip the step and count it")
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always saves)")
+
+
+class RunConfig(_Strict):
+    name: Optional[str] = Field(None, description="run directory name; default derived from the config")
+    out_dir: str = Field("runs", description="parent of run directories")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    student: ModelConfig
+    teacher: Optional[ModelConfig] = None
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "RunConfig":
+        from .methods import METHODS  # the methods own their hyper-parameter schemas
+
+        cls = METHODS.get(self.method.name)
+        # assigned through __dict__: validate_assignment would re-run this validator forever
+        self.__dict__["method"] = MethodConfig(name=METHODS.canonical(self.method.name), **validate_hparams(cls, self.method.hparams))
+        if cls.needs_teacher and (self.teacher is None or not self.teacher.checkpoint):
+            raise ConfigError(
+                f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
+                "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
+            )
+        return self
+
+    def hparams_hash(self) -> str:
+        """A short hash of everything that changes the result (not where it is written)."""
+        payload = self.model_dump(mode="json", exclude={"name", "out_dir"})
+        payload["train"].pop("log_every", None)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    def default_name(self) -> str:
+        teacher = f"{self.teacher.name}-" if self.teacher else ""
+        return f"{self.data.name}_{teacher}{self.student.name}_{self.method.name}_s{self.seed}_{self.hparams_hash()}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def validate_hparams(method_cls, hparams: dict[str, Any]) -> dict[str, Any]:
+    """Validate a method's hyper-parameters against its ``Hparams`` dataclass; return all of them."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(method_cls.Hparams)}
+    for key in hparams:
+        if key not in fields:
+            raise ConfigError(
+                f"method.{key}: {method_cls.__name__} has no hyper-parameter {key!r}.{suggest(key, fields)} "
+                f"Its hyper-parameters: {', '.join(sorted(fields)) or 'none'}."
+            )
+    try:
+        return dataclasses.asdict(method_cls.Hparams(**hparams))
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, prefix="method.")) from None
+
+
+def _format_errors(error: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden" and root is not None:
+            parent = _model_at(root, item["loc"][:-1])
+            choices = list(parent.model_fields) if parent else []
+            lines.append(f"{prefix}{location}: unknown key.{suggest(str(item['loc'][-1]), choices)} Valid keys here: {', '.join(choices)}.")
+        elif item["type"] == "missing":
+            lines.append(f"{prefix}{location}: required but not given.")
+        else:
+            lines.append(f"{prefix}{location}: {item['msg']} (got {item.get('input')!r}).")
+    return "Invalid config:\n  " + "\n  ".join(lines)
+
+
+def _model_at(root: type[BaseModel], loc) -> type[BaseModel] | None:
+    model = root
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value (for example train.epochs=10).")
+        key, raw = pair.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {pair!r} has an empty key; write dotted keys like optim.lr=0.1.")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r} goes below {part!r}, which is set to a value.")
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML (or uses tags safe loading refuses): {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(loaded).__name__}.")
+    return loaded
+
+
+def build_config(
+    base: dict[str, Any] | None = None, path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> RunConfig:
+    """defaults <- ``base`` <- YAML file <- overrides, validated into a RunConfig."""
+    tree = copy.deepcopy(base or {})
+    if path is not None:
+        tree = merge(tree, read_yaml(path))
+    if overrides:
+        tree = merge(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, root=RunConfig)) from None

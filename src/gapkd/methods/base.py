@@ -1,0 +1,122 @@
+"""The Distiller contract: one file and one registry entry per method."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from torch import Tensor, nn
+
+from ..registry import Registry
+
+#: Decorator for a method's hyper-parameter dataclass: validated, unknown keys refused.
+hparams = pydantic_dataclass(config=ConfigDict(extra="forbid"))
+
+
+@hparams
+class NoHparams:
+    pass
+
+
+@dataclass
+class StepInfo:
+    """Where training is: what schedules inside a method (warm-ups, curricula) need."""
+
+    epoch: int  # 0-based
+    step: int  # global step, 0-based
+    epochs: int
+    steps_per_epoch: int
+    indices: Tensor | None = None  # stable sample ids of the batch (memory banks such as CRD's)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1)."""
+        return self.step / max(1, self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, Tensor]  # the total loss is their sum; each is logged
+    logits: Tensor  # what the deployable student predicts for the batch
+
+
+@dataclass
+class TaskInfo:
+    """Facts about the data a method may need at construction (memory bank sizes, shapes)."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    num_train: int
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode for good: the teacher never changes during distillation."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module.eval()
+
+
+class Distiller(nn.Module):
+    """Base class. Subclasses set ``Hparams`` (a ``@hparams`` dataclass) and implement ``forward``."""
+
+    Hparams: ClassVar[type] = NoHparams
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, task: TaskInfo | None = None, **hyper: Any):
+        super().__init__()
+        self.hparams = self.Hparams(**hyper)
+        self.task = task
+        self.student = student
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"{type(self).__name__} needs a teacher")
+        self.teacher = freeze(teacher) if teacher is not None else None
+
+    def forward(self, images: Tensor, labels: Tensor, step: StepInfo) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_forward(self, images: Tensor):
+        """The teacher's features and logits, without autograd: call it once per step."""
+        return self.teacher.forward_features(images)
+
+    def param_groups(self) -> list[dict]:
+        """What the optimiser trains. ``lr_mult`` scales the base learning rate of a group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_mult": 1.0, "name": "student"}]
+
+    def deployable(self) -> nn.Module:
+        """The module evaluated, exported and shipped."""
+        return self.student
+
+    def eval_heads(self, images: Tensor) -> dict[str, Tensor]:
+        """Logits of every head worth a validation accuracy; ``student`` (the deployable) first."""
+        return {"student": self.deployable()(images)}
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything that changes during training (the frozen teacher is left out)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""
+
+    @classmethod
+    def hparam_defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls.Hparams)}
+
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+
+
+def register_method(name: str, *aliases: str):
+    return METHODS.register(name, *aliases)

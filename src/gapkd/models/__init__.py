@@ -1,0 +1,7 @@
+"""The model zoo. Every model is a :class:`StagedNet`; build one with :func:`create_model`."""
+from .base import Features, StagedNet
+from .registry import MODELS, ModelEntry, create_model, list_models, register_model
+from . import cifar_resnet  # noqa: F401  (registers the CIFAR ResNets)
+from .checkpoint import extract_state_dict, load_checkpoint, load_state_dict_strict
+
+__all__ = ["load_checkpoint", "extract_state_dict", "load_state_dict_strict", "Features", "StagedNet", "MODELS", "ModelEntry", "create_model", "list_models", "register_model"]

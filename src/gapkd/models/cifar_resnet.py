@@ -1,0 +1,114 @@
+"""CIFAR ResNets of the RepDistiller / mdistiller zoo (resnet8 ... resnet110, resnet8x4,
+resnet32x4). Parameter names match that zoo so its checkpoints load exactly."""
+from __future__ import annotations
+
+from functools import partial
+
+from torch import Tensor, nn
+
+from .base import StagedNet, init_conv_bn
+from .registry import register_model
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class CifarResNet(StagedNet):
+    """conv3x3 -> BN -> ReLU stem, three stages (strides 1, 2, 2), global pool, fc."""
+
+    def __init__(self, depth: int, widths: list[int], block: str = "basic", num_classes: int = 100, in_channels: int = 3):
+        if block == "basic":
+            if (depth - 2) % 6:
+                raise ValueError("basic-block CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, ...)")
+            n, block_cls = (depth - 2) // 6, BasicBlock
+        else:
+            if (depth - 2) % 9:
+                raise ValueError("bottleneck CIFAR ResNet depth must be 9n+2")
+            n, block_cls = (depth - 2) // 9, Bottleneck
+        super().__init__(num_classes, in_channels, [w * block_cls.expansion for w in widths[1:]])
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block_cls, widths[1], n, 1)
+        self.layer2 = self._make_layer(block_cls, widths[2], n, 2)
+        self.layer3 = self._make_layer(block_cls, widths[3], n, 2)
+        self.fc = nn.Linear(widths[3] * block_cls.expansion, num_classes)
+        init_conv_bn(self)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.layer1, self.layer2, self.layer3]
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.fc
+
+
+_CIFAR_RESNETS = {
+    "resnet8": (8, [16, 16, 32, 64]),
+    "resnet14": (14, [16, 16, 32, 64]),
+    "resnet20": (20, [16, 16, 32, 64]),
+    "resnet32": (32, [16, 16, 32, 64]),
+    "resnet44": (44, [16, 16, 32, 64]),
+    "resnet56": (56, [16, 16, 32, 64]),
+    "resnet110": (110, [16, 16, 32, 64]),
+    "resnet8x4": (8, [32, 64, 128, 256]),
+    "resnet32x4": (32, [32, 64, 128, 256]),
+}
+
+for _name, (_depth, _widths) in _CIFAR_RESNETS.items():
+    register_model(_name, partial(CifarResNet, _depth, _widths), input_size=32, family="cifar-resnet")

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny real data (digits) and the CIFAR-10 JPEG copy when ../shared is present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tests run in parallel workers on 2 cores
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_JPG = REPO.parent / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """A config that trains in about a second on digits."""
+    return {
+        "out_dir": str(tmp_path / "runs"),
+        "data": {"name": "digits", "batch_size": 64, "augment": {"crop_padding": 1, "flip": False}},
+        "optim": {"lr": 0.05},
+        "schedule": {"name": "cosine"},
+        "train": {"epochs": 2, "device": "cpu", "log_every": 1000},
+        "student": {"name": "resnet8"},
+    }
+
+
+@pytest.fixture
+def cifar10_jpg_path():
+    if not CIFAR10_JPG.is_file():
+        pytest.skip(f"the CIFAR-10 JPEG copy is not at {CIFAR10_JPG} (../shared/data is absent on this machine)")
+    return CIFAR10_JPG
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    monkeypatch.delenv("GAPKD_DATA", raising=False)
+    # decoded-data cache shared by the whole session (decoding the JPEG tarball takes ~20 s)
+    monkeypatch.setenv("GAPKD_CACHE", os.environ.get("GAPKD_TEST_CACHE", str(Path.home() / ".cache" / "gapkd")))
