@@ -3,6 +3,7 @@ A reader therefore sees the previous complete file or the new complete file, nev
 Loading is weights-only: no code in a checkpoint ever runs."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -24,15 +25,30 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous checkpoint is intact" if path.exists() else "no previous checkpoint existed"
+            raise CheckpointError(
+                f"no space left on the device while writing {path}; {kept}. Free some space and run the same "
+                "command again to resume."
+            ) from None
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> int:
+    """Delete temporary files left by a writer that was killed mid-write; returns how many."""
+    removed = 0
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

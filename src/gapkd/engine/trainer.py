@@ -14,7 +14,7 @@ import torch
 
 from ..errors import GapkdError, NonFiniteLossError
 from ..methods.base import Distiller, StepInfo
-from .checkpoint import atomic_save, atomic_write_text, safe_load
+from .checkpoint import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from .optim import build_optimizer, build_scheduler
 from .runlog import MetricsLog, TextLog, progress_bar
 
@@ -58,6 +58,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_dir)  # left by a run killed while writing a checkpoint
     log = TextLog(run_dir / "train.log", echo=echo)
     epochs, steps_per_epoch = cfg.train.epochs, len(data.train)
     if steps_per_epoch == 0:
