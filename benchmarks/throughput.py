@@ -1,0 +1,197 @@
+"""Training throughput (images/s) of KD methods, three ways in one process:
+
+  (a) gapkd's real training loop (gapkd.api.run -> engine.fit; train time only, no eval),
+  (b) a conventional loop as the public KD codebases write it: a DataLoader over the dataset
+      with per-sample PIL/numpy transforms (random crop with padding, flip, to-tensor,
+      normalise), NCHW fp32, teacher under no_grad, `.item()` of the loss every step,
+  (c) the compute bound: the same distiller computations on pre-made batches, nothing else.
+
+Ratios within one run are what this reports (absolute times depend on the machine).
+
+    python benchmarks/throughput.py --methods kd --pairs resnet56:resnet20 --images 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gapkd.api import build_distiller, run, run_dir_for
+from gapkd.config import build_config
+from gapkd.data import ImageData, Split
+from gapkd.data.core import channel_stats, make_split
+from gapkd.engine.checkpoint import atomic_save
+from gapkd.engine.runlog import read_metrics
+from gapkd.models import create_model
+
+CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
+
+
+def benchmark_data(images: int, seed: int = 0) -> ImageData:
+    """Real CIFAR-10 JPEG-copy images when present, else random 32x32 images (same shapes)."""
+    if CIFAR10_JPG.is_file():
+        from gapkd.config import DataConfig
+        from gapkd.data import load_dataset
+        from gapkd.data.core import subsample
+
+        data = load_dataset(DataConfig(name="cifar10-jpg", path=str(CIFAR10_JPG)))
+        train = subsample(data.train, images, seed)
+        return ImageData("cifar10-jpg", data.classes, train, subsample(data.test, 64, seed), data.mean, data.std)
+    rng = np.random.default_rng(seed)
+    train = make_split(rng.integers(0, 255, (images, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, images))
+    test = make_split(rng.integers(0, 255, (64, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 64))
+    mean, std = channel_stats(train.images)
+    return ImageData("random", [str(i) for i in range(10)], train, test, mean, std)
+
+
+def make_config(workdir: Path, teacher: str, student: str, method: str, batch: int, device: str, extra: list[str]):
+    teacher_path = workdir / f"{teacher}.pt"
+    if not teacher_path.exists():
+        atomic_save({"format": "gapkd-model", "model": teacher, "num_classes": 10, "state_dict": create_model(teacher, num_classes=10).state_dict()}, teacher_path)
+    return build_config({
+        "out_dir": str(workdir), "name": f"{method}-{teacher}-{student}",
+        "data": {"name": "digits", "val_fraction": 0.0, "batch_size": batch, "drop_last": True},
+        "student": {"name": student}, "teacher": {"name": teacher, "checkpoint": str(teacher_path)},
+        "method": {"name": method}, "train": {"epochs": 1, "device": device}, "schedule": {"name": "constant"},
+    }, overrides=extra)
+
+
+def gapkd_loop(cfg, data: ImageData) -> float:
+    run(cfg, echo=False, data=data)
+    return read_metrics(run_dir_for(cfg) / "metrics.jsonl")[0]["epoch_seconds"]
+
+
+def compute_bound(cfg, data: ImageData, device: torch.device, steps: int) -> float:
+    from gapkd.data.loader import Normalizer
+    from gapkd.engine.optim import build_optimizer
+    from gapkd.methods import StepInfo
+
+    distiller = build_distiller(cfg, data, len(data.train)).to(device).train()
+    optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
+    normalize = Normalizer(data.mean, data.std, device)
+    batch = cfg.data.batch_size
+    batches = [(normalize(data.train.images[i:i + batch].to(device)), data.train.labels[i:i + batch].to(device))
+               for i in range(0, batch * 4, batch)]
+    def step(k):
+        images, labels = batches[k % len(batches)]
+        out = distiller(images, labels, StepInfo(0, k, 1, steps, data.train.indices[:batch].to(device)))
+        optimizer.zero_grad(set_to_none=True)
+        sum(out.losses.values()).backward()
+        optimizer.step()
+    for k in range(3):
+        step(k)
+    _sync(device)
+    started = time.perf_counter()
+    for k in range(steps):
+        step(k)
+    _sync(device)
+    return (time.perf_counter() - started) / steps / batch  # seconds per image
+
+
+class _PerSampleDataset(torch.utils.data.Dataset):
+    """What public KD codebases do: one PIL image at a time through a transform chain."""
+
+    def __init__(self, split: Split, mean, std):
+        self.images = split.images.permute(0, 2, 3, 1).numpy()  # HWC uint8, like CIFAR arrays
+        self.labels = split.labels.numpy()
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(self.images[index]))  # the PIL round trip of torchvision datasets
+        padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+        y, x = np.random.randint(0, 9, size=2)
+        image = padded[y:y + 32, x:x + 32]
+        if np.random.rand() < 0.5:
+            image = image[:, ::-1]
+        tensor = torch.from_numpy(((image.transpose(2, 0, 1).astype(np.float32) / 255.0) - self.mean) / self.std)
+        return tensor, int(self.labels[index])
+
+
+def conventional_loop(cfg, data: ImageData, device: torch.device, workers: int) -> float:
+    import torch.nn.functional as F
+
+    from gapkd.methods.losses import kd_kl
+
+    student = create_model(cfg.student.name, num_classes=data.num_classes).to(device).train()
+    teacher = create_model(cfg.teacher.name, num_classes=data.num_classes).to(device).eval()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(_PerSampleDataset(data.train, data.mean, data.std), batch_size=cfg.data.batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False)
+    seen = 0
+    started = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        logits = student(images)
+        loss = 0.1 * F.cross_entropy(logits, labels) + 0.9 * kd_kl(logits, teacher_logits, 4.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        seen += labels.numel()
+    return (time.perf_counter() - started) / seen
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=["resnet56:resnet20", "resnet32x4:resnet8x4"], help="teacher:student")
+    parser.add_argument("--methods", nargs="+", default=["kd", "dkd", "simkd", "dfpt-kd", "dfpt-kd+"])
+    parser.add_argument("--images", type=int, default=2048, help="training images per measured epoch")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="steps timed for the compute bound")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("overrides", nargs="*", help="extra gapkd config overrides for (a), e.g. train.channels_last=true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    data = benchmark_data(args.images)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pair in args.pairs:
+            teacher, student = pair.split(":")
+            for method in args.methods:
+                cfg = make_config(Path(tmp), teacher, student, method, args.batch, args.device, args.overrides)
+                a = gapkd_loop(cfg, data) / (len(data.train) // args.batch * args.batch)
+                c = compute_bound(cfg, data, device, args.steps)
+                b = conventional_loop(cfg, data, device, args.workers) if method == "kd" else None
+                rows.append({"pair": pair, "method": method, "gapkd_img_s": 1 / a, "compute_bound_img_s": 1 / c,
+                             "conventional_img_s": (1 / b) if b else None, "a_over_c": c / a, "a_over_b": (b / a) if b else None})
+                print(json.dumps(rows[-1]), flush=True)
+    for pair in args.pairs:
+        kd = next((r for r in rows if r["pair"] == pair and r["method"] == "kd"), None)
+        for r in rows:
+            if r["pair"] == pair and kd:
+                r["step_time_vs_kd"] = kd["gapkd_img_s"] / r["gapkd_img_s"]
+    print(f"\ndata: {data.name}, {len(data.train)} images, batch {args.batch}, device {args.device}, threads {torch.get_num_threads()}")
+    print("| pair | method | (a) gapkd img/s | (b) conventional img/s | (c) compute bound img/s | (a)/(b) | (a)/(c) | step time vs KD |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        b = f"{r['conventional_img_s']:.0f}" if r["conventional_img_s"] else "–"
+        ab = f"{r['a_over_b']:.2f}" if r["a_over_b"] else "–"
+        print(f"| {r['pair']} | {r['method']} | {r['gapkd_img_s']:.0f} | {b} | {r['compute_bound_img_s']:.0f} | {ab} | {r['a_over_c']:.2f} | {r.get('step_time_vs_kd', float('nan')):.2f} |")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
