@@ -60,8 +60,9 @@ def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / (cfg.name or cfg.default_name())
 
 
-def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: ImageData | None = None) -> dict[str, Any]:
-    """Train (or distil) one run to completion, resuming it if it was interrupted; returns summary.json."""
+def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: ImageData | None = None, on_epoch=None) -> dict[str, Any]:
+    """Train (or distil) one run to completion, resuming it if it was interrupted; returns summary.json.
+    ``on_epoch``: see :func:`gapkd.engine.trainer.fit` (pipelines keep extra checkpoints with it)."""
     run_dir = run_dir_for(cfg)
     summary_path = run_dir / "summary.json"
     if overwrite and run_dir.exists():
@@ -93,7 +94,7 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     if distiller.teacher is not None:
         amp_ctx, _ = autocast_context(device, cfg.train.amp)
         teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
-    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo)
+    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=on_epoch)
     summary = result.summary
     if distiller.teacher is not None:
         summary.update(teacher_acc)

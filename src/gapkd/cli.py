@@ -31,6 +31,12 @@ EXAMPLES = {
           gapkd list models
           gapkd list methods --verbose
     """,
+    "pipeline": """
+        examples:
+          gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml takd.assistant=resnet56
+          gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml 'takd.assistant=[resnet56, resnet44]'
+          gapkd pipeline eskd -c configs/cifar100/resnet56-resnet20/kd.yaml eskd.stop_epoch=60 eskd.teacher_epochs=240
+    """,
     "quickstart": """
         examples:
           gapkd quickstart                     # digits, about a minute on 2 CPU cores
@@ -76,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
     _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
 
+    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher).")
+    pl.add_argument("kind", help="takd or eskd (options under takd.* / eskd.*, see docs/pipelines.md)")
+    _add_common(pl)
+
     ev = add("eval", "Evaluate a model checkpoint on the validation and test splits of a dataset.")
     ev.add_argument("checkpoint")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="data.* keys, e.g. data.name=cifar10-jpg")
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON only")
 
     ls = add("list", "List registered models, methods or datasets (one name per line first).")
-    ls.add_argument("what", choices=["models", "methods", "datasets"])
+    ls.add_argument("what", choices=["models", "methods", "datasets", "pipelines"])
     ls.add_argument("--verbose", "-v", action="store_true", help="add details after each name")
 
     qs = add("quickstart", "Offline demo on real data: teacher, from-scratch student and distilled students, with a table.")
@@ -141,6 +151,14 @@ def _distill(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    from .pipelines import PIPELINES
+
+    summary = PIPELINES.get(args.kind)(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _eval(args) -> int:
     from . import api
     from .config import DataConfig, merge, parse_overrides
@@ -180,10 +198,13 @@ def _list(args) -> int:
             cls = METHODS.get(name)
             print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
     else:
-        from .data import DATASETS
+        if args.what == "pipelines":
+            from .pipelines import PIPELINES as registry
+        else:
+            from .data import DATASETS as registry
 
-        for name in DATASETS.names():
-            doc = (DATASETS.get(name).__doc__ or "").strip().splitlines()
+        for name in registry.names():
+            doc = (registry.get(name).__doc__ or "").strip().splitlines()
             print(f"{name:<14} {doc[0] if doc else ''}" if args.verbose else name)
     return 0
 
@@ -195,7 +216,7 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "distill": _distill, "eval": _eval, "list": _list, "quickstart": _quickstart}
+COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "eval": _eval, "list": _list, "quickstart": _quickstart}
 
 if __name__ == "__main__":
     sys.exit(main())

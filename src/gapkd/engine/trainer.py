@@ -54,7 +54,8 @@ def evaluate(distiller: Distiller, loader, amp_ctx) -> dict[str, float]:
 
 
 def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *, echo: bool = True, on_epoch=None) -> FitResult:
-    """Train ``distiller`` for cfg.train.epochs, resuming from run_dir/checkpoints/state.pt if present."""
+    """Train ``distiller`` for cfg.train.epochs, resuming from run_dir/checkpoints/state.pt if present.
+    ``on_epoch(distiller, epoch, record)`` runs after each epoch's evaluation; keys it returns join the record."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             "skipped_steps": skipped,
         }
         if on_epoch is not None:
-            record.update(on_epoch(distiller, epoch) or {})
+            record.update(on_epoch(distiller, epoch, record) or {})  # sees the epoch's accuracies; may add keys
         history.append(record)
         metrics.write(record)
         improved = data.val is not None and val_acc > best["val"]

@@ -53,6 +53,20 @@ class TaskInfo:
     num_train: int
 
 
+@torch.no_grad()
+def probe_features(model: nn.Module, task: TaskInfo | None):
+    """``model.forward_features`` on a zero batch at the task's image size, in eval mode so no
+    batch-norm statistics change: how feature methods learn stage channels and sizes in __init__."""
+    if task is None:
+        raise ValueError("this method sizes its projections from the data: pass task=TaskInfo(...)")
+    was_training = model.training
+    model.eval()
+    try:
+        return model.forward_features(torch.zeros(2, task.in_channels, task.image_size, task.image_size))
+    finally:
+        model.train(was_training)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """No gradients and eval mode for good: the teacher never changes during distillation."""
     for parameter in module.parameters():

@@ -10,3 +10,13 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
     log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
+
+
+def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive average pooling of whichever feature map is larger, so both have the smaller height and width."""
+    height, width = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+    if a.shape[-2:] != (height, width):
+        a = F.adaptive_avg_pool2d(a, (height, width))
+    if b.shape[-2:] != (height, width):
+        b = F.adaptive_avg_pool2d(b, (height, width))
+    return a, b

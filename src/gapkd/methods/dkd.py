@@ -1,0 +1,58 @@
+"""Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022)."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+
+from .base import Distiller, StepOutput, hparams, register_method
+
+
+def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(TCKD, NCKD), each tau^2 * batch-mean KL(teacher || student).
+
+    TCKD compares the binary distributions (target class, all other classes); NCKD compares the
+    distributions over the non-target classes alone, renormalised. Computed in log space."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    target = F.one_hot(labels, log_p_s.shape[1]).bool()
+
+    def binary(log_p: Tensor) -> Tensor:
+        return torch.stack([log_p[target], torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=1)], dim=1)
+
+    tckd = F.kl_div(binary(log_p_s), binary(log_p_t), reduction="batchmean", log_target=True)
+    n, c = student_logits.shape
+    others_s = (student_logits.float() / temperature)[~target].view(n, c - 1)
+    others_t = (teacher_logits.float() / temperature)[~target].view(n, c - 1)
+    nckd = F.kl_div(F.log_softmax(others_s, dim=1), F.log_softmax(others_t, dim=1), reduction="batchmean", log_target=True)
+    return tckd * temperature**2, nckd * temperature**2
+
+
+@hparams
+class DKDHparams:
+    alpha: Annotated[float, Field(ge=0, description="weight of TCKD (target-class KD)")] = 1.0
+    beta: Annotated[float, Field(ge=0, description="weight of NCKD (non-target KD); mdistiller: 8, or 2/6 for some pairs")] = 8.0
+    temperature: Annotated[float, Field(gt=0, description="softmax temperature")] = 4.0
+    warmup_epochs: Annotated[int, Field(ge=0, description="KD weight ramps as min(epoch / warmup, 1), epochs counted from 1")] = 20
+    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+
+
+@register_method("dkd", "decoupled-kd")
+class DKD(Distiller):
+    """Decoupled KD: ce_weight * CE + warm-up * (alpha * TCKD + beta * NCKD) at temperature tau."""
+
+    Hparams = DKDHparams
+
+    def forward(self, images, labels, step):
+        teacher_logits = self.teacher_forward(images).logits
+        logits = self.student(images)
+        h = self.hparams
+        ramp = min((step.epoch + 1) / h.warmup_epochs, 1.0) if h.warmup_epochs else 1.0
+        tckd, nckd = dkd_terms(logits, teacher_logits, labels, h.temperature)
+        return StepOutput(
+            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "tckd": ramp * h.alpha * tckd, "nckd": ramp * h.beta * nckd},
+            logits,
+        )
