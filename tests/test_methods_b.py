@@ -300,6 +300,19 @@ def test_reviewkd_refuses_a_teacher_without_preactivations_unless_asked():
     METHODS.get("reviewkd")(Tiny(3, 1), NoPreact(4, 1), task=tiny_task(), teacher_preact=False)
 
 
+def test_cifar_resnet_preactivations_are_the_stage_outputs_before_their_last_relu():
+    model = create_model("resnet8", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        last_block = model.layer2[-1]
+        entry = model.layer1(model.forward_stem(x))
+        by_hand = last_block.bn2(last_block.conv2(last_block.relu(last_block.bn1(last_block.conv1(entry))))) + last_block.downsample(entry)
+        assert torch.allclose(features.preact[1], by_hand, atol=1e-6)
+        assert all(torch.equal(torch.relu(p), s) for p, s in zip(features.preact, features.stages))
+        assert all((p < 0).any() for p in features.preact) and torch.equal(features.logits, model(x))
+
+
 def test_reviewkd_levels_of_cifar_resnets_follow_the_original():
     review = METHODS.get("reviewkd")(create_model("resnet8x4", num_classes=100), create_model("resnet32x4", num_classes=100),
                                      task=TaskInfo(100, 3, 32, 10))
