@@ -44,15 +44,23 @@ def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
                     f"{role} checkpoint {model_cfg.checkpoint} holds a {payload['model']!r}, but {role}.name is "
                     f"{model_cfg.name!r}; set {role}.name={payload['model']}."
                 )
+            if payload.get("deployable"):  # the student wrapped by its method (SimKD: projector + teacher classifier)
+                spec = payload["deployable"]
+                model = METHODS.get(spec["method"]).rebuild_deployable(model, spec["options"])
         load_state_dict_strict(model, extract_state_dict(payload), source=f"{role} checkpoint {model_cfg.checkpoint}")
     return model
 
 
-def build_distiller(cfg: RunConfig, data: ImageData, num_train: int) -> Distiller:
+def build_distiller(cfg: RunConfig, data: ImageData, num_train: int | None = None) -> Distiller:
+    """The configured method around its student and teacher. ``data.train`` must be the training
+    split itself (``bundle.data``): memory banks such as CRD's are keyed by its sample ids."""
     method = METHODS.get(cfg.method.name)
     student = build_model(cfg.student, data, "student")
     teacher = build_model(cfg.teacher, data, "teacher") if cfg.teacher is not None and method.needs_teacher else None
-    task = TaskInfo(data.num_classes, data.in_channels, data.image_size, num_train)
+    train = data.train
+    if num_train is not None and num_train != len(train):
+        raise ValueError(f"num_train={num_train} but data.train holds {len(train)} samples: pass bundle.data, the split trained on")
+    task = TaskInfo(data.num_classes, data.in_channels, data.image_size, len(train), train.indices, train.labels)
     return method(student, teacher, task=task, **cfg.method.hparams)
 
 

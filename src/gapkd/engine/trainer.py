@@ -220,6 +220,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
 def deployable_payload(distiller: Distiller, cfg, epoch: int, val_acc) -> dict:
     """A self-describing model checkpoint: the deployable weights plus how to rebuild them."""
     student = cfg.student
+    spec = distiller.deployable_spec()
     return {
         "format": "gapkd-model",
         "version": 1,
@@ -231,6 +232,8 @@ def deployable_payload(distiller: Distiller, cfg, epoch: int, val_acc) -> dict:
         "epoch": epoch,
         "val_acc": val_acc,
         "state_dict": {k: v.detach().cpu() for k, v in distiller.deployable().state_dict().items()},
+        # a deployable other than the plain student (e.g. SimKD's): which method rebuilds it, and how
+        **({"deployable": {"method": cfg.method.name, "options": spec}} if spec is not None else {}),
     }
 
 

@@ -51,18 +51,21 @@ class TaskInfo:
     in_channels: int
     image_size: int
     num_train: int
+    train_ids: Tensor | None = None  # stable id of each training sample (what StepInfo.indices holds); None: 0..num_train-1
+    train_labels: Tensor | None = None  # label of each training sample, in the order of train_ids
 
 
 @torch.no_grad()
 def probe_features(model: nn.Module, task: TaskInfo | None):
-    """``model.forward_features`` on a zero batch at the task's image size, in eval mode so no
-    batch-norm statistics change: how feature methods learn stage channels and sizes in __init__."""
+    """``model.forward_features`` on one blank image of the task's size, in eval mode (running
+    statistics untouched): the shapes of stage outputs, for sizing projectors at construction."""
     if task is None:
-        raise ValueError("this method sizes its projections from the data: pass task=TaskInfo(...)")
+        raise ValueError("this method sizes its modules from the data: pass task=TaskInfo(...) to the distiller")
     was_training = model.training
-    model.eval()
+    parameter = next(model.parameters())
+    blank = torch.zeros(1, task.in_channels, task.image_size, task.image_size, device=parameter.device, dtype=parameter.dtype)
     try:
-        return model.forward_features(torch.zeros(2, task.in_channels, task.image_size, task.image_size))
+        return model.eval().forward_features(blank)
     finally:
         model.train(was_training)
 
@@ -104,6 +107,16 @@ class Distiller(nn.Module):
     def deployable(self) -> nn.Module:
         """The module evaluated, exported and shipped."""
         return self.student
+
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """None when the deployable is the plain student model; otherwise the options that
+        :meth:`rebuild_deployable` needs to rebuild it around a fresh student (saved in checkpoints)."""
+        return None
+
+    @classmethod
+    def rebuild_deployable(cls, student: nn.Module, options: dict[str, Any]) -> nn.Module:
+        """The untrained deployable of this method around ``student``, from :meth:`deployable_spec`'s options."""
+        raise NotImplementedError(f"{cls.__name__} deploys the plain student; there is nothing to rebuild")
 
     def eval_heads(self, images: Tensor) -> dict[str, Tensor]:
         """Logits of every head worth a validation accuracy; ``student`` (the deployable) first."""

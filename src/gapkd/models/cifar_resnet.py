@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StagedNet, init_conv_bn
+from .base import Features, StagedNet, init_conv_bn
 from .registry import register_model
 
 
@@ -22,11 +23,14 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_preact(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.bn2(self.conv2(out)) + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.forward_preact(x))
 
 
 class Bottleneck(nn.Module):
@@ -43,12 +47,15 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_preact(self, x: Tensor) -> Tensor:
+        """The block's output before its final ReLU."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out)) + identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.forward_preact(x))
 
 
 class CifarResNet(StagedNet):
@@ -92,6 +99,19 @@ class CifarResNet(StagedNet):
     @property
     def stages(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3]
+
+    def forward_features(self, x: Tensor) -> Features:
+        """As StagedNet's, plus ``preact``: each stage's output before its last ReLU (ReviewKD's teacher targets)."""
+        x = self.forward_stem(x)
+        stages, preact = [], []
+        for stage in self.stages:
+            for block in stage[:-1]:
+                x = block(x)
+            preact.append(stage[-1].forward_preact(x))
+            x = F.relu(preact[-1])  # not in place: the pre-activation tensor is kept
+            stages.append(x)
+        pooled, logits = self.forward_head(x)
+        return Features(stages=stages, pooled=pooled, logits=logits, preact=preact)
 
     @property
     def classifier(self) -> nn.Module:
