@@ -338,7 +338,7 @@ def test_pipeline_resumes_and_skips_finished_stages(digits_teacher, monkeypatch)
 
 def test_pipeline_with_a_given_reference_and_bad_options(digits_teacher):
     from gapkd.errors import ConfigError
-    from gapkd.pipeline_aid import parse_aid_config, pipeline_dir_for, stage_configs
+    from gapkd.pipeline_aid import aid, parse_aid_config, pipeline_dir_for, stage_configs
 
     overrides = _pipeline_overrides(digits_teacher, "given", reference_checkpoint="ref.pt")
     overrides["method"] = {"name": "kd", "temperature": 2.0}
@@ -350,6 +350,8 @@ def test_pipeline_with_a_given_reference_and_bad_options(digits_teacher):
         parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", bta=1.0))
     with pytest.raises(ConfigError, match="aid.adapt_epochs"):
         parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", adapt_epochs=0))
+    with pytest.raises(ConfigError, match="aid.reference_checkpoint=ref.pt does not exist"):
+        aid(overrides=overrides, echo=False)
     bad = _pipeline_overrides(digits_teacher, "x")
     bad["method"] = {"name": "ce"}
     with pytest.raises(ConfigError, match="takes no teacher"):

@@ -21,6 +21,7 @@ a finished stage is skipped and an interrupted one resumes:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from .config import RunConfig, _format_errors, build_config, merge, parse_overri
 from .data import ImageData, build_data, load_dataset
 from .engine.checkpoint import atomic_write_text
 from .engine.trainer import autocast_context
-from .errors import ConfigError
+from .errors import ConfigError, suggest
 from .methods import METHODS
 
 NOTE = ("AID here is our reading of the published abstract of Qian, Le & Harandi, 'A Good Teacher Adapts Their Knowledge "
@@ -71,6 +72,10 @@ def parse_aid_config(config: str | os.PathLike | None = None, overrides: list[st
     except ValidationError as error:
         raise ConfigError(_format_errors(error, prefix="aid.")) from None
     adapt_method = METHODS.get("aid-adapt")
+    known = [*AIDOptions.model_fields, *(f.name for f in dataclasses.fields(adapt_method.Hparams))]
+    for key in options.model_extra or {}:
+        if key not in known:
+            raise ConfigError(f"aid.{key}: unknown AID option.{suggest(key, known)} AID options: {', '.join(known)}.")
     try:
         hyper = validate_hparams(adapt_method, dict(options.model_extra or {}))
     except ConfigError as error:  # name the key as the user wrote it
@@ -131,6 +136,9 @@ def aid(config: str | os.PathLike | None = None, overrides: list[str] | dict | N
         overwrite: bool = False, data: ImageData | None = None) -> dict:
     """Run (or resume) the whole AID pipeline; returns aid_summary.json's content."""
     cfg, options, hyper = parse_aid_config(config, overrides)
+    for key, path in (("teacher.checkpoint", cfg.teacher.checkpoint), ("aid.reference_checkpoint", hyper.get("reference_checkpoint"))):
+        if path and not Path(path).is_file():  # fail now, not after training the reference student
+            raise ConfigError(f"{key}={path} does not exist.")
     pipeline_dir = pipeline_dir_for(cfg, options, hyper)
     stages = stage_configs(cfg, options, hyper, pipeline_dir)
     if overwrite and pipeline_dir.exists():
