@@ -345,6 +345,7 @@ def test_pipeline_with_a_given_reference_and_bad_options(digits_teacher):
     cfg, options, hyper = parse_aid_config(overrides=overrides)
     stages = stage_configs(cfg, options, hyper, pipeline_dir_for(cfg, options, hyper))
     assert stages["reference"] is None and stages["adapt"].method.hparams["reference_checkpoint"] == "ref.pt"
+    assert stages["adapt"].method.hparams["reference_model"] == "resnet8"
     assert stages["distill"].method.hparams["temperature"] == 2.0
     with pytest.raises(ConfigError, match=r"aid\.bta.*Did you mean 'beta'"):
         parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", bta=1.0))

@@ -116,7 +116,7 @@ def stage_configs(cfg: RunConfig, options: AIDOptions, hyper: dict, pipeline_dir
         tree["train"]["epochs"] = ref_epochs
         reference = build_config(tree)
         hyper["reference_checkpoint"] = str(pipeline_dir / STAGES[0] / "checkpoints" / "best.pt")
-        hyper["reference_model"] = hyper.get("reference_model") or cfg.student.name
+    hyper["reference_model"] = hyper.get("reference_model") or cfg.student.name  # S_ref has the student's architecture
 
     adapt_epochs = options.adapt_epochs or max(1, round(0.1 * epochs))
     tree = copy.deepcopy(base)
