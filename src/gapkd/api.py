@@ -93,6 +93,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples).to(device)
     if channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
+    amp_ctx, _ = autocast_context(device, cfg.train.amp)
+    on_epoch = _diagnostics_hook(cfg, distiller, bundle, amp_ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     env = environment(device)
@@ -100,7 +102,6 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
                    "test": bundle.test.num_samples, "classes": bundle.num_classes}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if distiller.teacher is not None:
-        amp_ctx, _ = autocast_context(device, cfg.train.amp)
         teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
     result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=on_epoch)
     summary = result.summary
@@ -108,6 +109,19 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         summary.update(teacher_acc)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _diagnostics_hook(cfg: RunConfig, distiller: Distiller, bundle: DataBundle, amp_ctx):
+    """train.diagnostics: the decomposition of teacher vs student on the validation split, each epoch."""
+    if not cfg.train.diagnostics or distiller.teacher is None:
+        return None
+    if bundle.val is None:
+        raise ConfigError("train.diagnostics logs on the validation split, and this run has none; set data.val_fraction>0 "
+                          "or train.diagnostics=false.")
+    from .analysis import decomposition_diagnostics
+
+    temperature = getattr(distiller.hparams, "temperature", 4.0)
+    return decomposition_diagnostics(distiller, bundle.val, temperature, amp_ctx)
 
 
 def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
@@ -132,22 +146,53 @@ def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict
     return run(cfg, **kwargs)
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto") -> dict:
-    """Accuracy of a model checkpoint on the validation and test splits of a dataset."""
+def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str | None = None, role: str = "model") -> tuple[torch.nn.Module, str]:
+    """A model from a checkpoint file and its architecture's name, read from the file (ours) or given by ``model_name``."""
     from .config import ModelConfig
-    from .methods.ce import CrossEntropy
 
     payload = safe_load(checkpoint)
+    ours = isinstance(payload, dict) and payload.get("format") == "gapkd-model"
     name = model_name or (payload.get("model") if isinstance(payload, dict) else None)
     if not name:
-        raise ConfigError(f"{checkpoint} does not record its architecture; pass --model NAME.")
-    options = payload.get("options", {}) if isinstance(payload, dict) and payload.get("format") == "gapkd-model" else {}
+        flag = "--model" if role == "model" else f"--{role}-model"
+        raise ConfigError(f"{checkpoint} does not record its architecture; pass {flag} NAME.")
+    options = payload.get("options", {}) if ours else {}
+    return build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), data, role), name
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto") -> dict:
+    """Accuracy of a model checkpoint on the validation and test splits of a dataset."""
+    from .methods.ce import CrossEntropy
+
     torch_device = resolve_device(device)
     bundle = build_data(data_cfg, torch_device, 0)
-    model = build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), bundle.data, "model")
+    model, name = load_model(checkpoint, bundle.data, model_name)
     probe = CrossEntropy(model.to(torch_device)).eval()
     amp_ctx, _ = autocast_context(torch_device, "auto")
     out = {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name, "test_acc": evaluate(probe, bundle.test, amp_ctx)["student"]}
     if bundle.val is not None:
         out["val_acc"] = evaluate(probe, bundle.val, amp_ctx)["student"]
     return out
+
+
+def analyze_checkpoints(teacher_checkpoint: str | os.PathLike, student_checkpoint: str | os.PathLike, data_cfg, split: str = "val", *,
+                        teacher_model: str | None = None, student_model: str | None = None, temperature: float = 4.0,
+                        device: str = "auto") -> dict:
+    """`gapkd analyze`: decomposition, agreement, calibration and spreads of a teacher and a student on one split."""
+    from .analysis import analyze_models
+
+    if split not in ("val", "test"):
+        raise ConfigError(f"split must be 'val' or 'test', got {split!r}.")
+    torch_device = resolve_device(device)
+    bundle = build_data(data_cfg, torch_device, 0)
+    loader = bundle.val if split == "val" else bundle.test
+    if loader is None:
+        raise ConfigError("this dataset config holds out no validation split (data.val_fraction=0); use --split test.")
+    teacher, teacher_name = load_model(teacher_checkpoint, bundle.data, teacher_model, "teacher")
+    student, student_name = load_model(student_checkpoint, bundle.data, student_model, "student")
+    amp_ctx, _ = autocast_context(torch_device, "auto")
+    report = analyze_models(teacher.to(torch_device), student.to(torch_device), loader, temperature, amp_ctx=amp_ctx,
+                            class_names=bundle.data.classes)
+    header = {"teacher": teacher_name, "student": student_name, "teacher_checkpoint": str(teacher_checkpoint),
+              "student_checkpoint": str(student_checkpoint), "dataset": data_cfg.name, "split": split}
+    return {**header, **report}

@@ -26,6 +26,27 @@ EXAMPLES = {
           gapkd eval runs/teacher-r56/checkpoints/best.pt data.name=cifar10-jpg
           gapkd eval resnet56_cifar100.pth --model resnet56 data.name=cifar100 --json
     """,
+    "analyze": """
+        examples:
+          gapkd analyze runs/teacher-r56/checkpoints/best.pt runs/kd-r20/checkpoints/best.pt data.name=cifar10-jpg
+          gapkd analyze resnet56_cifar100.pth runs/s/checkpoints/best.pt --teacher-model resnet56 data.name=cifar100 --split test --json
+    """,
+    "aid": """
+        AID is our reading of the published abstract of Qian, Le & Harandi, "A Good Teacher Adapts
+        Their Knowledge for Distillation" (ICCV 2025); the paper's formulas and code are not public.
+        Stages (each a run folder inside the pipeline folder; finished ones are skipped, interrupted
+        ones resume): 1-reference (CE student, or aid.reference_checkpoint=PATH), 2-adapt (teacher
+        fine-tuned with L_AID = CE + beta*L_inner(T||S_ref) + gamma*L_class(T0||T); writes
+        adapted_teacher_report.json/.md), 3-distill (method.name: kd, dkd, dist, ...).
+        aid.* keys: beta (1), gamma (1), temperature (4), ce_weight (1), temperature_scaling (false),
+        adapt_epochs (10% of train.epochs), adapt_lr (optim.lr/10), adapt_schedule (cosine|constant),
+        ref_epochs (train.epochs), reference_checkpoint, reference_model.
+
+        examples:
+          gapkd aid teacher.name=resnet56 teacher.checkpoint=runs/teacher-r56/checkpoints/best.pt \\
+              student.name=resnet20 data.name=cifar10-jpg train.epochs=240 aid.beta=1 run.name=aid-r56-r20
+          gapkd aid -c configs/cifar100/resnet56-resnet20/kd.yaml method.name=dkd aid.reference_checkpoint=runs/r20/checkpoints/best.pt
+    """,
     "list": """
         examples:
           gapkd list models
@@ -82,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
     _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
 
-    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher).")
-    pl.add_argument("kind", help="takd or eskd (options under takd.* / eskd.*, see docs/pipelines.md)")
+    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher), AID (adapted teacher).")
+    pl.add_argument("kind", help="takd, eskd or aid (options under takd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
     _add_common(pl)
 
     ev = add("eval", "Evaluate a model checkpoint on the validation and test splits of a dataset.")
@@ -93,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print JSON only")
+
+    an = add("analyze", "Compare a teacher and a student checkpoint on one split: KD-loss decomposition (class-wise vs "
+                        "inner-class), DKD's TCKD/NCKD, top-1 agreement, ECE, inner-class spreads.")
+    an.add_argument("teacher_checkpoint")
+    an.add_argument("student_checkpoint")
+    an.add_argument("overrides", nargs="*", metavar="key=value", help="data.* keys, e.g. data.name=cifar10-jpg")
+    an.add_argument("--split", choices=["val", "test"], default="val", help="which split (default: the held-out validation split)")
+    an.add_argument("--temperature", type=float, default=4.0, help="softmax temperature of the decomposition (default 4)")
+    an.add_argument("--teacher-model", help="teacher architecture, when its checkpoint does not record it")
+    an.add_argument("--student-model", help="student architecture, when its checkpoint does not record it")
+    an.add_argument("--data-root")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--json", action="store_true", help="print JSON only (with per-class spreads)")
+
+    _add_common(add("aid", "AID pipeline (our reading of the published abstract): reference student -> adapted teacher -> distillation."))
 
     ls = add("list", "List registered models, methods or datasets (one name per line first).")
     ls.add_argument("what", choices=["models", "methods", "datasets", "pipelines"])
@@ -161,22 +197,51 @@ def _pipeline(args) -> int:
 
 def _eval(args) -> int:
     from . import api
-    from .config import DataConfig, merge, parse_overrides
 
-    tree = parse_overrides(_overrides(args))
-    unknown = [k for k in tree if k != "data"]
-    if unknown:
-        raise GapkdError(f"eval takes only data.* overrides, got {unknown}.")
-    try:
-        data_cfg = DataConfig.model_validate(merge({}, tree.get("data", {})))
-    except Exception as error:  # pydantic's message names the key
-        raise GapkdError(f"bad data option: {error}") from None
-    result = api.evaluate_checkpoint(args.checkpoint, data_cfg, args.model, args.device)
+    result = api.evaluate_checkpoint(args.checkpoint, _data_config(args), args.model, args.device)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>12}: {value:.2f}" if isinstance(value, float) else f"{key:>12}: {value}")
+    return 0
+
+
+def _data_config(args):
+    """The DataConfig of commands that take only data.* overrides."""
+    from .config import DataConfig, merge, parse_overrides
+
+    tree = parse_overrides(_overrides(args))
+    unknown = [k for k in tree if k != "data"]
+    if unknown:
+        raise GapkdError(f"{args.command} takes only data.* overrides, got {unknown}.")
+    try:
+        return DataConfig.model_validate(merge({}, tree.get("data", {})))
+    except Exception as error:  # pydantic's message names the key
+        raise GapkdError(f"bad data option: {error}") from None
+
+
+def _analyze(args) -> int:
+    from . import api
+    from .analysis import format_report
+
+    report = api.analyze_checkpoints(args.teacher_checkpoint, args.student_checkpoint, _data_config(args), args.split,
+                                     teacher_model=args.teacher_model, student_model=args.student_model,
+                                     temperature=args.temperature, device=args.device)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"teacher {report['teacher']} ({report['teacher_checkpoint']}) vs student {report['student']} "
+          f"({report['student_checkpoint']}) on {report['dataset']} {report['split']}, temperature {report['temperature']:g}")
+    print(format_report(report))
+    return 0
+
+
+def _aid(args) -> int:
+    from .pipeline_aid import aid
+
+    summary = aid(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
+    print(json.dumps({k: summary[k] for k in ("dir", "student_best_val_acc", "student_test_acc_at_best_val", "student_checkpoint")}, indent=2))
     return 0
 
 
@@ -216,7 +281,8 @@ def _quickstart(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "eval": _eval, "list": _list, "quickstart": _quickstart}
+COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
+            "list": _list, "quickstart": _quickstart}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,6 +88,10 @@ class TrainConfig(_Strict):
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss: stop, or skip the step and count it")
     threads: Optional[int] = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always saves)")
+    diagnostics: bool = Field(
+        False, description="log the KD-loss decomposition (diag/kd, diag/class, diag/inner, diag/tckd, diag/nckd, ...) of teacher "
+        "vs student on the validation split each epoch, at the method's temperature (4 if it has none); runs with a teacher only",
+    )
 
 
 class RunConfig(_Strict):
@@ -119,7 +123,8 @@ class RunConfig(_Strict):
     def hparams_hash(self) -> str:
         """A short hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"name", "out_dir"})
-        payload["train"].pop("log_every", None)
+        for key in ("log_every", "diagnostics"):  # what is logged does not change the result
+            payload["train"].pop(key, None)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def default_name(self) -> str:

@@ -214,3 +214,9 @@ def keep_best_within(path: Path, stop_epoch: int, cfg: RunConfig):
 
 PIPELINES.add("takd", takd, "teacher-assistant")
 PIPELINES.add("eskd", eskd, "early-stopped-kd")
+
+# AID lives in its own module (teacher adaptation, our reading of the ICCV 2025 abstract);
+# registered here so `gapkd pipeline aid` works like the others.
+from .pipeline_aid import aid as _aid  # noqa: E402
+
+PIPELINES.add("aid", _aid, "aid-kd")

@@ -83,7 +83,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 f"{run_dir} holds a run with a different config; choose another run.name or delete the folder to start over."
             )
         missing, unexpected = distiller.load_state_dict(state["model"], strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
+        frozen = set(distiller.state_dict()) - set(distiller.trainable_state_dict())  # not saved, so not expected back
+        missing = [k for k in missing if k not in frozen]
         if missing or unexpected:
             raise GapkdError(f"{state_path} does not fit this method: missing {missing[:5]}, unexpected {unexpected[:5]}.")
         optimizer.load_state_dict(state["optimizer"])
