@@ -94,7 +94,7 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     if channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
-    on_epoch = _diagnostics_hook(cfg, distiller, bundle, amp_ctx)
+    hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None]
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     env = environment(device)
@@ -103,12 +103,26 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if distiller.teacher is not None:
         teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
-    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=on_epoch)
+    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks))
     summary = result.summary
     if distiller.teacher is not None:
         summary.update(teacher_acc)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _chain(hooks: list):
+    """One on_epoch hook that runs several; each sees the keys the earlier ones added."""
+    if not hooks:
+        return None
+
+    def on_epoch(distiller, epoch, record):
+        extra: dict = {}
+        for hook in hooks:
+            extra.update(hook(distiller, epoch, {**record, **extra}) or {})
+        return extra
+
+    return on_epoch
 
 
 def _diagnostics_hook(cfg: RunConfig, distiller: Distiller, bundle: DataBundle, amp_ctx):

@@ -93,7 +93,7 @@ def decomposition_diagnostics(distiller: nn.Module, loader, temperature: float, 
     logits are computed once, here: it never changes."""
     teacher_logits, labels = collect_logits(distiller.teacher, loader, amp_ctx)
 
-    def on_epoch(distiller, epoch: int) -> dict[str, float]:
+    def on_epoch(distiller, epoch: int, record: dict) -> dict[str, float]:
         student_logits, _ = collect_logits(distiller.deployable(), loader, amp_ctx)
         terms = decompose(teacher_logits, student_logits, labels, temperature).as_dict()
         out = {f"diag/{key}": value for key, value in terms.items()}
