@@ -1,7 +1,12 @@
-"""Loading weights into zoo models: our own checkpoints and the common foreign layouts.
+"""Loading weights into zoo models: our own checkpoints and the common foreign layouts
+(RepDistiller / mdistiller / SimKD state dicts, bare or inside {'model': ...} / {'state_dict': ...},
+with or without DDP's ``module.`` prefix; torchvision ResNet and MobileNetV2 state dicts).
+Zoo models keep those codebases' parameter names, so most load as they are; where names differ
+for the same network, the model declares the renaming (``StagedNet.foreign_key_layouts``).
 Never a silent partial load, never code from the file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,28 +36,64 @@ def extract_state_dict(payload) -> dict[str, torch.Tensor]:
     return payload
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load all of ``state`` into ``model`` or fail listing missing, unexpected and mismatched keys."""
+def _fit_problems(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str], dict]:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    mismatched = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape}
+    return missing, unexpected, mismatched
+
+
+def rename_keys(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """``state`` with every regex rule (pattern, replacement) applied to each key, in order."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load all of ``state`` into ``model`` or fail listing missing, unexpected and mismatched keys.
+
+    When the keys do not fit as they are, the other codebases' names the model declares
+    (``foreign_key_layouts``) are tried; one is used only if it fits exactly."""
+    missing, unexpected, mismatched = _fit_problems(model, state)
     if missing or unexpected or mismatched:
+        for rules in getattr(model, "foreign_key_layouts", {}).values():
+            renamed = rename_keys(state, rules)
+            if not any(_fit_problems(model, renamed)):
+                model.load_state_dict(renamed, strict=False)
+                return
         parts = []
         if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:6]))
+            parts.append(f"shape mismatches ({len(mismatched)}): " + "; ".join(f"{k}: file {f} vs model {m}" for k, (f, m) in list(mismatched.items())[:6]))
         if missing:
             parts.append(f"missing keys ({len(missing)}): " + ", ".join(missing[:8]))
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:8]))
+        hint = model.checkpoint_hint(mismatched) if hasattr(model, "checkpoint_hint") else ""
+        prefixes = sorted({k.split(".", 1)[0] for k in unexpected if k.split(".", 1)[0] in ("student", "teacher")})
+        if prefixes and len(unexpected) == len(state):
+            hint += f" The file holds a whole distiller ({', '.join(prefixes)}): pass prefix='student.' (or 'teacher.') to load_checkpoint."
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__}: " + " | ".join(parts)
             + ". Check the model name and num_classes (a class-count mismatch shows up in the classifier's shape)."
+            + (" " + hint.strip() if hint.strip() else "")
         )
     model.load_state_dict(state, strict=False)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights from ``path`` into ``model`` exactly (see module docstring); returns the model."""
-    load_state_dict_strict(model, extract_state_dict(safe_load(path)), source=str(path))
+def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
+    """Load weights from ``path`` into ``model`` exactly (see module docstring); returns the model.
+
+    ``prefix`` selects the keys under it (e.g. ``'student.'`` in a checkpoint of a whole
+    distiller) and strips it."""
+    state = extract_state_dict(safe_load(path))
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"{path} holds no keys starting with {prefix!r}.")
+    load_state_dict_strict(model, state, source=str(path))
     return model

@@ -58,6 +58,20 @@ class Bottleneck(nn.Module):
         return self.relu(self.forward_preact(x))
 
 
+def make_resnet_layer(block, inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """One ResNet stage in torchvision's layout: the first block strides and, when the shape
+    changes, projects the shortcut with ``downsample`` = (1x1 conv, BN)."""
+    downsample = None
+    if stride != 1 or inplanes != planes * block.expansion:
+        downsample = nn.Sequential(
+            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
+            nn.BatchNorm2d(planes * block.expansion),
+        )
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(planes * block.expansion, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+
 class CifarResNet(StagedNet):
     """conv3x3 -> BN -> ReLU stem, three stages (strides 1, 2, 2), global pool, fc."""
 
@@ -71,27 +85,14 @@ class CifarResNet(StagedNet):
                 raise ValueError("bottleneck CIFAR ResNet depth must be 9n+2")
             n, block_cls = (depth - 2) // 9, Bottleneck
         super().__init__(num_classes, in_channels, [w * block_cls.expansion for w in widths[1:]])
-        self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_layer(block_cls, widths[1], n, 1)
-        self.layer2 = self._make_layer(block_cls, widths[2], n, 2)
-        self.layer3 = self._make_layer(block_cls, widths[3], n, 2)
+        self.layer1 = make_resnet_layer(block_cls, widths[0], widths[1], n, 1)
+        self.layer2 = make_resnet_layer(block_cls, widths[1] * block_cls.expansion, widths[2], n, 2)
+        self.layer3 = make_resnet_layer(block_cls, widths[2] * block_cls.expansion, widths[3], n, 2)
         self.fc = nn.Linear(widths[3] * block_cls.expansion, num_classes)
         init_conv_bn(self)
-
-    def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.relu(self.bn1(self.conv1(x)))

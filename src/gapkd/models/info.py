@@ -26,6 +26,6 @@ def describe_model(name: str, num_classes: int = 100) -> str:
     model = create_model(name, num_classes=num_classes)
     flops = count_flops(model, entry.input_size)
     return (
-        f"{name:<14} params {count_parameters(model) / 1e6:6.2f}M  stages {model.stage_channels}  "
+        f"{name:<21} params {count_parameters(model) / 1e6:6.2f}M  stages {model.stage_channels}  "
         f"FLOPs {flops / 1e6:8.1f}M @ {entry.input_size}px  ({num_classes} classes)"
     )
