@@ -33,10 +33,12 @@ STANDARD_PAIRS = [
     ("resnet32x4", "shufflev2", 8.0),
     ("wrn_40_2", "shufflev1", 8.0),
     ("vgg13", "mobilenetv2", 6.0),
-    ("resnet50", "mobilenetv2", 8.0),
+    ("resnet50_cifar", "mobilenetv2", 8.0),  # RepDistiller's CIFAR ResNet50 (`ResNet50` there)
 ]
-STUDY_PAIRS = [("resnet34", "resnet18"), ("resnet50", "resnet18"), ("resnet50", "resnet34"), ("resnet101", "resnet34")]
-STUDY_BASELINES = ("resnet18", "resnet34")
+# the capacity study: torchvision-style ResNets with the CIFAR stem (3x3 stride-1 conv, no max-pool)
+STUDY_PAIRS = [("resnet34_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet34_cifar"),
+               ("resnet101_cifar", "resnet34_cifar")]
+STUDY_BASELINES = ("resnet18_cifar", "resnet34_cifar")
 
 
 def method_hparams(method: str, dkd_beta: float) -> dict:
