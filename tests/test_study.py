@@ -17,7 +17,7 @@ import yaml
 
 import gapkd.api
 from gapkd.cli import main
-from gapkd.errors import ConfigError
+from gapkd.errors import ConfigError, NonFiniteLossError
 from gapkd.registry import Registry
 from gapkd.study import StudyRunner, builtin_studies, expand, resolve_study, run_study, study_status, summarize, write_report
 from gapkd.study.report import welch
@@ -219,6 +219,8 @@ def test_report_tables_match_a_hand_computation_from_the_database(finished_smoke
     assert f"temperature={chosen}" in kd_line and f"{test_mean:.2f} ± {abs(test[0] - test[1]) / math.sqrt(2):.2f}" in kd_line
     assert f"{test_mean - mean:+.2f}" in kd_line
     assert "<table>" in page and "resnet14→resnet8" in page and 'src="curves_' in page
+    other = write_report(spec, study_dir, overrides={"optim": {"lr": 0.1}}, out_dir=study_dir / "other")["md"].read_text()
+    assert "Runs finished: 0 of 7" in other and "7 finished run(s) of tiny that are not in this grid" in other
 
 
 # ------------------------------------------------------------------ statistics and selection
@@ -328,6 +330,24 @@ def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch):
     result = run_study(spec, tmp_path, echo=False, log=lambda line: None)
     assert len(result.trained) == 2 and len(result.skipped) == 1 and len(counter.role("teachers")) == 0
     assert {r["status"] for r in db_rows(tmp_path)} == {"done"}
+
+
+def test_a_failing_teacher_is_recorded_once_and_the_grid_goes_on(tmp_path, monkeypatch):
+    real, teacher_calls = gapkd.api.run, []
+
+    def teacher_explodes(cfg, **kwargs):
+        if cfg.method.name == "ce" and cfg.student.name == "resnet14":
+            teacher_calls.append(cfg.name)
+            raise NonFiniteLossError("loss term 'ce' became NaN/Inf at step 3")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(gapkd.api, "run", teacher_explodes)
+    result = run_study(tiny("smoke", methods={"scratch": {"name": "ce"}, "kd": {}}), tmp_path, echo=False, log=lambda line: None)
+    assert len(teacher_calls) == 1 and len(result.trained) == 2  # the two scratch students still train
+    rows = {(r["role"], r["method"], r["seed"]): r for r in db_rows(tmp_path)}
+    assert rows[("teacher", "teacher", 0)]["status"] == "failed" and "NaN" in rows[("teacher", "teacher", 0)]["error"]
+    assert all(rows[("student", "kd", seed)]["status"] == "failed" for seed in (0, 1))
+    assert "did not finish" in rows[("student", "kd", 0)]["error"] and len(result.failed) == 3
 
 
 def test_students_phase_refuses_to_start_without_its_teachers(tmp_path):

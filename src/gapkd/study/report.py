@@ -154,13 +154,19 @@ def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overri
         for run in runner.plan:  # finished run directories whose rows are missing (a crashed worker, a rebuilt database)
             if runner.finished(run):
                 runner._record_finished(run, store)
-        all_rows = [row for row in store.rows(spec.name, budget=spec.budget) if row["config_hash"] in runner.by_key]
+        stored = store.rows(spec.name)
+    all_rows = [row for row in stored if row["config_hash"] in runner.by_key]
+    elsewhere = sum(1 for row in stored if row["config_hash"] not in runner.by_key and row["status"] == "done")
     done = [row for row in all_rows if row["status"] == "done"]
     order = {run.key: run.index for run in runner.plan}
     summary = summarize(done, spec.baseline, order)
     metrics = {row["config_hash"]: _metrics(runner.study_dir, row) for row in done if row["role"] == "student"}
     plots = _plot_ladders(summary, spec, out) + _plot_curves(summary, spec, metrics, out)
     blocks = _blocks(spec, runner, summary, all_rows, plots)
+    if elsewhere:
+        blocks.insert(3, ("p", f"Note: the database holds {elsewhere} finished run(s) of {spec.name} that are not in this grid "
+                               "(another budget, or other key=value overrides): pass the same budget and overrides as to "
+                               "`gapkd study run` to report them."))
     paths = {"md": out / "report.md", "html": out / "report.html", "plots": [out / p for p, _ in plots]}
     paths["md"].write_text(render_markdown(blocks))
     paths["html"].write_text(render_html(blocks, f"{spec.name} ({spec.budget or 'no budget'})"))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal, Optional
 
 from .. import __version__
 from ..config import RunConfig, build_config
-from ..errors import ConfigError
+from ..errors import ConfigError, GapkdError
 from .spec import PlannedRun, StudySpec, _pipeline, expand, shard
 from .store import ResultStore, worker_id
 
@@ -111,6 +111,7 @@ class StudyRunner:
         self.echo = echo
         self.log = log
         self._data: dict[str, Any] = {}
+        self._failed: set[str] = set()
         self._code_version: Optional[str] = None
 
     # ------------------------------------------------------------ places
@@ -174,6 +175,8 @@ class StudyRunner:
             self._record_finished(run, store)
             result.skipped.append(run.name)
             return "done"
+        if run.key in self._failed:
+            return "failed"
         if run.teacher_key:
             teacher = self.by_key[run.teacher_key]
             if not self.finished(teacher) and (not on_demand or self._execute(teacher, store, result, on_demand) != "done"):
@@ -196,10 +199,12 @@ class StudyRunner:
                 raise
             except Exception as error:  # one bad run must not stop the grid; its row says why
                 message = f"{type(error).__name__}: {error}"
+                self._failed.add(run.key)  # not retried by this worker (its students fail at once)
                 store.mark_failed(row, message)
                 result.failed.append((run.name, message))
-                if self.echo:
+                if not isinstance(error, GapkdError):  # a bug, not a user error: keep its traceback
                     traceback.print_exc()
+                self.log(f"FAILED {run.name}: {message}")
                 return "failed"
             wall = time.perf_counter() - started
             store.mark_done({**row, "params": model_params(self.run_dir(run))}, summary, wall)
@@ -292,11 +297,12 @@ def study_status(spec: StudySpec, study_dir: str | Path | None = None, *, overri
             walls[run.role].append(row["wall_seconds"])
         elif state != "done":
             unfinished.append({"run": run.name, "state": state, "worker": row.get("worker"), "error": row.get("error")})
-    left = 0.0
-    for role in ("teacher", "student"):
+    left, every = 0.0, walls["teacher"] + walls["student"]
+    for role in ("teacher", "student"):  # each role at its own mean wall time, else at the mean of all finished runs
         pending = sum(v for state, v in counts[role].items() if state != "done")
-        if pending and walls[role]:
-            left += pending * sum(walls[role]) / len(walls[role])
+        known = walls[role] or every
+        if pending and known:
+            left += pending * sum(known) / len(known)
     done = sum(c.get("done", 0) for c in counts.values())
     return {"study": spec.name, "budget": spec.budget, "dir": str(runner.study_dir), "total": len(runner.plan), "done": done,
             "counts": counts, "unfinished": unfinished, "eta": _duration(left) if left else None}
