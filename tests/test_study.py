@@ -388,8 +388,9 @@ def test_study_commands_from_the_command_line(tmp_path, capsys):
     assert main(["study", "run", *common, "--shard", "2/2", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "1 of 3 runs in shard 2/2" in out and "todo" in out
-    assert main(["study", "run", *common, "--quiet"]) == 0
+    assert main(["study", "run", *common, "--quiet", "train.log_every=7"]) == 0  # overrides may follow options
     assert "3 trained" in capsys.readouterr().out
+    assert "log_every: 7" in next((tmp_path / "s" / "runs" / "teachers").iterdir()).joinpath("config.yaml").read_text()
     assert main(["study", "status", *common]) == 0
     assert "3/3 runs done" in capsys.readouterr().out
     assert main(["study", "report", *common]) == 0

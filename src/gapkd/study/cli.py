@@ -25,12 +25,28 @@ EXAMPLES = {
 }
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets key=value overrides come after options (`study run S --budget cpu data.root=D`): plain
+    argparse gives every positional its share at the first one and then refuses later ones."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:  # parse_known_intermixed_args calls back here (Python < 3.13)
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def add_study_parser(sub) -> None:
     """Register `study` and its subcommands on the top-level subparsers object."""
     study = sub.add_parser("study", help="Capacity-gap studies: run a grid of runs, report it, see where it stands.",
                            description="Grids over datasets x teacher->student pairs x methods x hyper-parameters x seeds, "
                                        "with an SQLite result store and Markdown/HTML reports (docs/studies.md).")
-    commands = study.add_subparsers(dest="study_command", metavar="{run,report,status}")
+    commands = study.add_subparsers(dest="study_command", metavar="{run,report,status}", parser_class=_IntermixedParser)
     commands.required = True
     helps = {
         "run": "Run (or resume) a study: teachers once, then students; finished runs are skipped.",
