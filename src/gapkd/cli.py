@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--epochs", type=int, default=None, help="student epochs (default depends on the dataset)")
     qs.add_argument("--out-dir", default="runs/quickstart")
     qs.add_argument("--data-root")
+
+    from .study.cli import add_study_parser
+
+    add_study_parser(sub)
     return parser
 
 
@@ -281,8 +285,14 @@ def _quickstart(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from .study.cli import study_command
+
+    return study_command(args)
+
+
 COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
-            "list": _list, "quickstart": _quickstart}
+            "list": _list, "quickstart": _quickstart, "study": _study}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,414 @@
+"""Study reports: tables (mean ± std over seeds), Welch t-tests, hyper-parameters chosen on
+validation only, and matplotlib plots, as Markdown and HTML built from the same data.
+
+Protocol: every run is read at its best-validation epoch (``test_acc_at_best_val``) and at its
+last epoch. Runs are grouped by (dataset, pair, method, hyper-parameters) over seeds; for each
+(dataset, pair, method) the hyper-parameters with the highest MEAN VALIDATION accuracy are
+chosen (test accuracy is never looked at to choose). Each chosen method is compared with the
+baseline method (the study's ``baseline``, e.g. scratch) of the same dataset and student by
+Welch's two-sided t-test on the per-seed test accuracies at the best-validation epoch.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..engine.runlog import read_metrics
+from .runner import DB_FILE, StudyRunner
+from .spec import StudySpec
+from .store import ResultStore
+
+METRICS = ("best_val_acc", "test_acc_at_best_val", "last_test_acc")
+
+
+@dataclass
+class Stat:
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (n - 1); NaN for fewer than two seeds."""
+        return statistics.stdev(self.values) if self.n >= 2 else math.nan
+
+    def __str__(self) -> str:
+        if not self.values:
+            return "n/a"
+        return f"{self.mean:.2f} ± {self.std:.2f}" if self.n >= 2 else f"{self.mean:.2f}"
+
+
+@dataclass
+class Group:
+    """The runs of one (dataset, pair, method, hyper-parameters) over seeds."""
+
+    dataset: str
+    pair: str
+    model: str
+    teacher: Optional[str]
+    method: str
+    hparams: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    order: int = 0  # grid position of its first run: ties in validation accuracy go to the earlier point
+
+    def stat(self, metric: str) -> Stat:
+        return Stat([row[metric] for row in sorted(self.rows, key=lambda r: r["seed"]) if row.get(metric) is not None])
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(row["seed"] for row in self.rows)
+
+
+@dataclass
+class Comparison:
+    baseline: Group
+    delta: float  # mean test accuracy at best validation minus the baseline's
+    t: Optional[float]
+    p: Optional[float]
+
+
+@dataclass
+class Summary:
+    groups: list[Group]
+    chosen: dict[tuple[str, str, str], Group]  # (dataset, pair, method) -> chosen hyper-parameters
+    candidates: dict[tuple[str, str, str], list[Group]]
+    comparisons: dict[tuple[str, str, str], Comparison]
+    teachers: dict[tuple[str, str], list[dict[str, Any]]]  # (dataset, teacher label) -> its rows
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[Optional[float], Optional[float]]:
+    """Welch's t statistic and two-sided p-value (scipy), or (None, None) with fewer than 2 values a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None, None
+    from scipy.stats import ttest_ind
+
+    with warnings.catch_warnings():  # nearly equal samples: scipy warns, the NaN or value below says enough
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = ttest_ind(list(a), list(b), equal_var=False)
+    t, p = float(result.statistic), float(result.pvalue)
+    return (None, None) if math.isnan(t) else (t, p)
+
+
+def summarize(rows: list[dict[str, Any]], baseline: Optional[str] = "scratch", order: Optional[dict[str, int]] = None) -> Summary:
+    """Group finished rows, choose hyper-parameters on validation, compare with the baseline."""
+    order = order or {}
+    rows = sorted(rows, key=lambda r: (order.get(r["config_hash"], len(order)), r["seed"]))
+    groups: dict[tuple, Group] = {}
+    teachers: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["role"] == "teacher":
+            teachers.setdefault((row["dataset"], row["model"]), []).append(row)
+            continue
+        key = (row["dataset"], row["pair"], row["method"], json.dumps(row["hparams"], sort_keys=True))
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = Group(row["dataset"], row["pair"], row["model"], row["teacher"], row["method"], row["hparams"],
+                                        order=order.get(row["config_hash"], len(order)))
+        group.rows.append(row)
+        group.order = min(group.order, order.get(row["config_hash"], group.order))
+    candidates: dict[tuple[str, str, str], list[Group]] = {}
+    for group in sorted(groups.values(), key=lambda g: g.order):
+        candidates.setdefault((group.dataset, group.pair, group.method), []).append(group)
+    chosen = {key: max(options, key=_validation_rank) for key, options in candidates.items()}
+    comparisons = {}
+    for key, group in chosen.items():
+        if baseline is None or group.method == baseline:
+            continue
+        reference = chosen.get((group.dataset, group.pair, baseline)) or chosen.get((group.dataset, group.model, baseline))
+        if reference is None:
+            continue
+        a, b = group.stat("test_acc_at_best_val"), reference.stat("test_acc_at_best_val")
+        t, p = welch(a.values, b.values)
+        comparisons[key] = Comparison(reference, a.mean - b.mean, t, p)
+    return Summary(list(groups.values()), chosen, candidates, comparisons, teachers)
+
+
+def _validation_rank(group: Group) -> tuple[float, int]:
+    """Higher mean validation accuracy first, then the earlier grid point (never test accuracy)."""
+    mean = group.stat("best_val_acc").mean
+    return (-math.inf if math.isnan(mean) else mean, -group.order)
+
+
+# ------------------------------------------------------------------ writing
+def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overrides: Optional[dict] = None,
+                 out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Collect the study's results and write report.md, report.html and the plots; returns their paths."""
+    runner = StudyRunner(spec, study_dir, overrides=overrides, echo=False)
+    out = Path(out_dir) if out_dir else runner.study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    with ResultStore(runner.study_dir / DB_FILE) as store:
+        for run in runner.plan:  # finished run directories whose rows are missing (a crashed worker, a rebuilt database)
+            if runner.finished(run):
+                runner._record_finished(run, store)
+        stored = store.rows(spec.name)
+    all_rows = [row for row in stored if row["config_hash"] in runner.by_key]
+    elsewhere = sum(1 for row in stored if row["config_hash"] not in runner.by_key and row["status"] == "done")
+    done = [row for row in all_rows if row["status"] == "done"]
+    order = {run.key: run.index for run in runner.plan}
+    summary = summarize(done, spec.baseline, order)
+    metrics = {row["config_hash"]: _metrics(runner.study_dir, row) for row in done if row["role"] == "student"}
+    plots = _plot_ladders(summary, spec, out) + _plot_curves(summary, spec, metrics, out)
+    blocks = _blocks(spec, runner, summary, all_rows, plots)
+    if elsewhere:
+        blocks.insert(3, ("p", f"Note: the database holds {elsewhere} finished run(s) of {spec.name} that are not in this grid "
+                               "(another budget, or other key=value overrides): pass the same budget and overrides as to "
+                               "`gapkd study run` to report them."))
+    paths = {"md": out / "report.md", "html": out / "report.html", "plots": [out / p for p, _ in plots]}
+    paths["md"].write_text(render_markdown(blocks))
+    paths["html"].write_text(render_html(blocks, f"{spec.name} ({spec.budget or 'no budget'})"))
+    return paths
+
+
+def _metrics(study_dir: Path, row: dict[str, Any]) -> list[dict]:
+    run_dir = study_dir / "runs" / ("teachers" if row["role"] == "teacher" else "students") / row["run_name"]
+    relative = (row.get("summary") or {}).get("metrics_file") or "metrics.jsonl"
+    return read_metrics(run_dir / relative)
+
+
+def _fmt(value: Optional[float], digits: int = 2, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _params(count: Optional[int]) -> str:
+    return "n/a" if not count else f"{count / 1e6:.2f}M"
+
+
+def _shown_hparams(summary: Summary, key: tuple[str, str, str], group: Group) -> str:
+    """The hyper-parameters that vary over the grid of this (dataset, pair, method); '—' without a grid."""
+    options = summary.candidates[key]
+    varying = [k for k in group.hparams if len({json.dumps(g.hparams.get(k)) for g in options}) > 1]
+    return ", ".join(f"{k}={group.hparams[k]}" for k in varying) or "—"
+
+
+def _teacher_stat(summary: Summary, dataset: str, teacher: Optional[str], metric: str) -> Stat:
+    return Stat([r[metric] for r in summary.teachers.get((dataset, teacher or ""), []) if r.get(metric) is not None])
+
+
+def _blocks(spec: StudySpec, runner: StudyRunner, summary: Summary, rows: list[dict], plots: list[tuple[str, str]]) -> list[tuple]:
+    done = {row["config_hash"] for row in rows if row["status"] == "done"}
+    counts = {role: (sum(1 for r in runner.plan if r.role == role and r.key in done), sum(1 for r in runner.plan if r.role == role))
+              for role in ("teacher", "student")}
+    versions = sorted({row["code_version"] for row in rows if row["status"] == "done" and row.get("code_version")})
+    budget = spec.budget or "none (the study defines no budgets)"
+    blocks: list[tuple] = [
+        ("h1", f"Study {spec.name} — budget {budget}"),
+        ("p", f"Budget: {budget}." + (f" {spec.budget_note}" if spec.budget_note else "")),
+    ]
+    if spec.description:
+        blocks.append(("p", spec.description.strip()))
+    blocks += [
+        ("p", f"Runs finished: {len(done)} of {len(runner.plan)} (teachers {counts['teacher'][0]}/{counts['teacher'][1]}, "
+              f"students {counts['student'][0]}/{counts['student'][1]}). Code version(s): {', '.join(versions) or 'n/a'}. "
+              f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {runner.study_dir / DB_FILE}."),
+        ("p", "Protocol: each run is read at its best-validation epoch (test accuracy at that epoch) and at its last epoch. "
+              "Hyper-parameters are chosen per (dataset, pair, method) by the mean VALIDATION accuracy over seeds; test accuracy "
+              "is never used to choose. Values are mean ± sample standard deviation over seeds (a single seed shows its value). "
+              f"Welch's t-test (unequal variances, two-sided) compares each method's test accuracy at the best-validation epoch "
+              f"with the baseline '{spec.baseline}' of the same dataset and student. Accuracies are top-1 %."),
+        ("h2", "Results"),
+        ("table", ["dataset", "pair", "method", "chosen on validation", "seeds", "val (best)", "test @ best val",
+                   "test (last epoch)", f"Δ test vs {spec.baseline}", "Welch t", "p"], _main_rows(summary)),
+    ]
+    if summary.teachers:
+        table = []
+        for (dataset, model), teacher_rows in summary.teachers.items():
+            stat = lambda metric: Stat([r[metric] for r in teacher_rows if r.get(metric) is not None])  # noqa: E731
+            table.append([dataset, model, _params(teacher_rows[0].get("params")), str(len(teacher_rows)),
+                          str(stat("best_val_acc")), str(stat("test_acc_at_best_val")), str(stat("last_test_acc"))])
+        blocks += [("h2", "Teachers"), ("table", ["dataset", "teacher", "params", "seeds", "val (best)", "test @ best val",
+                                                  "test (last epoch)"], table)]
+    ladders = [p for p in plots if p[0].startswith("ladder_")]
+    if ladders:
+        blocks += [("h2", "Student accuracy against teacher accuracy and size")] + [("img", path, caption) for path, caption in ladders]
+    curves = [p for p in plots if p[0].startswith("curves_")]
+    if curves:
+        blocks += [("h2", "Training curves (validation accuracy per epoch, mean over seeds)")]
+        blocks += [("img", path, caption) for path, caption in curves]
+    grid = []
+    for key, options in summary.candidates.items():
+        for group in options:
+            grid.append([group.dataset, group.pair, group.method, _shown_hparams(summary, key, group), str(len(group.rows)),
+                         str(group.stat("best_val_acc")), str(group.stat("test_acc_at_best_val")), str(group.stat("last_test_acc")),
+                         "✓" if summary.chosen[key] is group else ""])
+    blocks += [("h2", "All grid points"), ("table", ["dataset", "pair", "method", "hyper-parameters", "seeds", "val (best)",
+                                                      "test @ best val", "test (last epoch)", "chosen"], grid)]
+    unfinished = [row for row in rows if row["status"] != "done"]
+    if unfinished:
+        blocks += [("h2", "Unfinished runs"), ("table", ["run", "status", "error"],
+                                               [[r["run_name"], r["status"], r.get("error") or ""] for r in unfinished])]
+    return blocks
+
+
+def _main_rows(summary: Summary) -> list[list[str]]:
+    table = []
+    for key, group in sorted(summary.chosen.items(), key=lambda item: item[1].order):
+        comparison = summary.comparisons.get(key)
+        table.append([
+            group.dataset, group.pair, group.method, _shown_hparams(summary, key, group), str(len(group.rows)),
+            str(group.stat("best_val_acc")), str(group.stat("test_acc_at_best_val")), str(group.stat("last_test_acc")),
+            _fmt(comparison.delta, signed=True) if comparison else "—",
+            _fmt(comparison.t) if comparison else "—",
+            _fmt(comparison.p, 3) if comparison else "—",
+        ])
+    return table
+
+
+# ------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts)).strip("-")
+
+
+def _plot_ladders(summary: Summary, spec: StudySpec, out: Path) -> list[tuple[str, str]]:
+    """For every (dataset, student) with two or more teachers: student accuracy against teacher
+    accuracy and teacher size, one line per method, the baseline as a horizontal band."""
+    plots = []
+    students = {}
+    for group in summary.chosen.values():
+        students.setdefault((group.dataset, group.model), []).append(group)
+    for (dataset, student), groups in students.items():
+        teachers = sorted({g.teacher for g in groups if g.teacher})
+        if len(teachers) < 2:
+            continue
+        plt = _pyplot()
+        figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        for axis, (label, metric) in zip(axes, [("teacher test accuracy (%)", "acc"), ("teacher parameters", "params")]):
+            methods = {}
+            for group in groups:
+                if group.teacher:
+                    methods.setdefault(group.method, []).append(group)
+            for method, points in methods.items():
+                xs, ys, errs = [], [], []
+                for group in points:
+                    teacher_rows = summary.teachers.get((dataset, group.teacher), [])
+                    x = (_teacher_stat(summary, dataset, group.teacher, "test_acc_at_best_val").mean if metric == "acc"
+                         else (teacher_rows[0].get("params") if teacher_rows else None))
+                    if x is None or (isinstance(x, float) and math.isnan(x)):
+                        continue
+                    stat = group.stat("test_acc_at_best_val")
+                    xs.append(x), ys.append(stat.mean), errs.append(0.0 if math.isnan(stat.std) else stat.std)
+                if xs:
+                    ordered = sorted(zip(xs, ys, errs))
+                    axis.errorbar([p[0] for p in ordered], [p[1] for p in ordered], yerr=[p[2] for p in ordered],
+                                  marker="o", capsize=3, label=method)
+            baseline = next((g for g in groups if g.method == spec.baseline and not g.teacher), None)
+            if baseline is not None:
+                stat = baseline.stat("test_acc_at_best_val")
+                axis.axhline(stat.mean, color="black", linestyle="--", label=f"{spec.baseline} (student alone)")
+                if stat.n >= 2:
+                    axis.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
+            if metric == "params":
+                axis.set_xscale("log")
+            axis.set_xlabel(label)
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel(f"{student} test accuracy @ best val (%)")
+        axes[1].legend(fontsize=8, loc="best")
+        figure.suptitle(f"{spec.name} [{spec.budget}] — {dataset}, student {student}: mean ± std over seeds")
+        figure.tight_layout()
+        name = _slug("ladder", dataset, student) + ".png"
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)
+        plots.append((name, f"{dataset}: {student} against its teachers (one line per method)"))
+    return plots
+
+
+def _plot_curves(summary: Summary, spec: StudySpec, metrics: dict[str, list[dict]], out: Path) -> list[tuple[str, str]]:
+    """For every pair: validation accuracy per epoch of each method (chosen hyper-parameters) and of the baseline."""
+    plots = []
+    pairs: dict[tuple[str, str], list[Group]] = {}
+    for group in summary.chosen.values():
+        pairs.setdefault((group.dataset, group.pair), []).append(group)
+    covered = {(d, g.model) for (d, _), groups in pairs.items() for g in groups if g.teacher}
+    for (dataset, pair), groups in pairs.items():
+        if not any(g.teacher for g in groups):
+            if (dataset, groups[0].model) in covered:
+                continue  # the student's baseline is drawn on each of its pairs' plots
+        else:
+            groups = groups + [g for g in pairs.get((dataset, groups[0].model), []) if not g.teacher]
+        plt = _pyplot()
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        for group in groups:
+            curves = [{r["epoch"]: r["val_acc"] for r in metrics.get(row["config_hash"], []) if r.get("val_acc") is not None}
+                      for row in group.rows]
+            epochs = sorted(set.intersection(*(set(c) for c in curves))) if curves and all(curves) else []
+            if epochs:
+                axis.plot(epochs, [statistics.fmean(c[e] for c in curves) for e in epochs], marker="." if len(epochs) < 30 else None,
+                          label=group.method, linestyle="--" if group.method == spec.baseline else "-")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("validation accuracy (%)")
+        axis.set_title(f"{dataset}: {pair} [{spec.budget}]")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        name = _slug("curves", dataset, pair.replace("→", "-to-")) + ".png"
+        figure.savefig(out / name, dpi=120)
+        plt.close(figure)
+        plots.append((name, f"{dataset}: {pair}, validation accuracy per epoch"))
+    return plots
+
+
+# ------------------------------------------------------------------ rendering
+def render_markdown(blocks: list[tuple]) -> str:
+    lines = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            lines += [("#" if kind == "h1" else "##") + " " + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "table":
+            headers, rows = block[1], block[2]
+            cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+            lines.append("| " + " | ".join(cell(h) for h in headers) + " |")
+            lines.append("|" + "|".join("---" for _ in headers) + "|")
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+            lines.append("")
+        elif kind == "img":
+            lines += [f"![{block[2]}]({block[1]})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[tuple], title: str) -> str:
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{html.escape(block[1])}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            body.append(f'<figure><img src="{html.escape(block[1])}" alt="{html.escape(block[2])}">'
+                        f"<figcaption>{html.escape(block[2])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:3px 8px}"
+             "th{background:#eee}td{font-variant-numeric:tabular-nums}img{max-width:100%}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
