@@ -171,6 +171,7 @@ def aid(config: str | os.PathLike | None = None, overrides: list[str] | dict | N
         "pipeline": "aid", "note": NOTE, "dir": str(pipeline_dir), "stages": summaries, "adapted_teacher": report,
         "student_best_val_acc": distilled["best_val_acc"], "student_test_acc_at_best_val": distilled["test_acc_at_best_val"],
         "student_checkpoint": str(pipeline_dir / STAGES[2] / "checkpoints" / "best.pt"),
+        "student": distilled,  # the final stage's summary, as every pipeline returns it (studies read this)
     }
     atomic_write_text(pipeline_dir / "aid_summary.json", json.dumps(summary, indent=2) + "\n")
     say(f"student {cfg.student.name} ({cfg.method.name} from the adapted teacher): best val {distilled['best_val_acc']}, "
