@@ -90,10 +90,17 @@ def check_labels(data: ImageData) -> ImageData:
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    x = images.to(torch.float64).div_(255)
-    dims = (0, 2, 3)
-    return tuple(x.mean(dims).tolist()), tuple(x.std(dims).tolist())
+    """Per-channel mean and (sample) std of uint8 images, in [0, 1] units, from exact histograms."""
+    levels = torch.arange(256, dtype=torch.float64)
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        histogram = torch.bincount(images[:, channel].reshape(-1), minlength=256).double()
+        count = histogram.sum()
+        mean = (histogram * levels).sum() / count
+        var = (histogram * (levels - mean) ** 2).sum() / max(count - 1, 1)
+        means.append(float(mean / 255))
+        stds.append(float(var.sqrt() / 255))
+    return tuple(means), tuple(stds)
 
 
 def stratified_holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
