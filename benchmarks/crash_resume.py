@@ -1,8 +1,16 @@
-"""Crash test: SIGKILL a training run at random moments, check the last good checkpoint
-always loads, then let it finish and compare its final weights bit for bit with an
-uninterrupted run of the same config (CPU, deterministic mode).
+"""Crash test: SIGKILL gapkd at random moments, check that the last good checkpoint always
+loads, then let the work finish and compare with an uninterrupted run of the same config
+(CPU, deterministic mode): final weights bit-identical, no epoch lost or logged twice.
 
-    python benchmarks/crash_resume.py --kills 20 --seed 0
+Targets:
+  train  one training run (`gapkd train`)
+  takd   a multi-stage pipeline (`gapkd pipeline takd`: teacher checkpoint -> assistant -> student)
+  study  a study grid run by TWO concurrent workers on one SQLite database, both killed at random:
+         afterwards every run is in the database exactly once and matches its run directory
+
+    python benchmarks/crash_resume.py --target train --kills 20
+    python benchmarks/crash_resume.py --target takd --kills 10
+    python benchmarks/crash_resume.py --target study --kills 10
 
 Writes nothing outside --workdir (default: a temporary folder)."""
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -19,65 +28,129 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-ARGS = ["data.name=digits", "student.name=resnet8", "train.epochs=12", "data.batch_size=32", "data.train_subset=400",
-        "train.device=cpu", "train.deterministic=true", "train.threads=1", "schedule.name=cosine", "data.augment.flip=false",
-        "--quiet"]
+COMMON = ["data.name=digits", "train.device=cpu", "train.deterministic=true", "train.threads=1", "schedule.name=cosine",
+          "data.augment.flip=false", "data.batch_size=32", "data.drop_last=true"]
+TRAIN = ["student.name=resnet8", "train.epochs=12", "data.train_subset=400"]
+TAKD = ["student.name=resnet8", "teacher.name=resnet20", "method.name=kd", "train.epochs=4", "data.train_subset=300", "takd.assistant=resnet14"]
+STUDY = {
+    "name": "crash",
+    "base": {"data": {"name": "digits", "train_subset": 200, "batch_size": 32, "drop_last": True, "augment": {"crop_padding": 1, "flip": False}},
+             "schedule": {"name": "cosine"}, "train": {"device": "cpu", "deterministic": True, "threads": 1}},
+    "teacher_config": {"train": {"epochs": 3}},
+    "student_config": {"train": {"epochs": 3}},
+    "pairs": [{"teacher": "resnet14", "student": "resnet8"}],
+    "methods": {"scratch": {"name": "ce"}, "kd": {"grid": {"temperature": [2.0, 4.0]}}},
+    "seeds": [0, 1],
+    "budgets": {"smoke": {"note": "digits, crash test"}},
+}
 
 
-def _command(out_dir: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "gapkd.cli", "train", *ARGS, f"out_dir={out_dir}", f"name={name}"]
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gapkd.cli", *args]
 
 
-def _weights(run_dir: Path) -> dict:
+def _state_dicts(folder: Path) -> dict[str, dict]:
+    """Every last.pt below ``folder``, by path relative to it."""
     from gapkd.engine.checkpoint import safe_load
 
-    return safe_load(run_dir / "checkpoints" / "last.pt")["state_dict"]
+    return {str(p.relative_to(folder)): safe_load(p)["state_dict"] for p in sorted(folder.rglob("checkpoints/last.pt"))}
 
 
-def crash_resume(kills: int, seed: int, workdir: Path) -> dict:
+def _equal(a: dict[str, dict], b: dict[str, dict]) -> bool:
+    return a.keys() == b.keys() and all(x.keys() == b[k].keys() and all(torch.equal(x[n], b[k][n]) for n in x) for k, x in a.items())
+
+
+def _check_checkpoints(folder: Path, stats: dict) -> None:
     from gapkd.engine.checkpoint import safe_load
 
+    for state in folder.rglob("checkpoints/state.pt"):
+        safe_load(state)  # raises if torn
+        stats["checkpoint_loads"] += 1
+    if any(folder.rglob("checkpoints/.*.tmp")):
+        stats["killed_during_checkpoint_write"] += 1
+
+
+def _epochs_logged(folder: Path) -> dict[str, list[int]]:
+    return {str(p.parent.relative_to(folder)): [json.loads(line)["epoch"] for line in p.read_text().splitlines()]
+            for p in sorted(folder.rglob("metrics.jsonl"))}
+
+
+def commands(target: str, workdir: Path, name: str) -> tuple[list[list[str]], Path]:
+    """The command(s) one attempt runs concurrently, and the folder holding their results."""
+    if target == "train":
+        return [_python("train", *COMMON, *TRAIN, f"out_dir={workdir}", f"name={name}", "--quiet")], workdir / name
+    if target == "takd":
+        teacher = workdir / "teacher"
+        if not (teacher / "summary.json").exists():
+            subprocess.run(_python("train", *COMMON, "student.name=resnet20", "train.epochs=2", "data.train_subset=300",
+                                   f"out_dir={workdir}", "name=teacher", "--quiet"), check=True, stdout=subprocess.DEVNULL)
+        ckpt = teacher / "checkpoints" / "best.pt"
+        return [_python("pipeline", "takd", *COMMON, *TAKD, f"teacher.checkpoint={ckpt}", f"out_dir={workdir}", f"name={name}",
+                        "--quiet")], workdir / name
+    spec = workdir / "study.yaml"
+    spec.write_text(yaml.safe_dump(STUDY))
+    study_dir = workdir / name
+    worker = _python("study", "run", str(spec), "--budget", "smoke", "--dir", str(study_dir), "--quiet")
+    return [worker, worker], study_dir
+
+
+def crash_resume(target: str, kills: int, seed: int, workdir: Path) -> dict:
     rng = random.Random(seed)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    straight_cmds, straight_dir = commands(target, workdir, "straight")
     started = time.perf_counter()
-    subprocess.run(_command(workdir, "straight"), check=True, env=env, stdout=subprocess.DEVNULL)
+    for command in straight_cmds[:1]:
+        subprocess.run(command, check=True, **quiet)
     duration = time.perf_counter() - started
-    run_dir = workdir / "killed"
-    stats = {"kills": 0, "killed_during_checkpoint_write": 0, "checkpoint_loads": 0, "no_checkpoint_yet": 0, "finished_before_kill": 0}
+    stats = {"target": target, "kills": 0, "killed_during_checkpoint_write": 0, "checkpoint_loads": 0, "finished_before_kill": 0}
+    killed_cmds, killed_dir = commands(target, workdir, "killed")
     for _ in range(kills):
-        process = subprocess.Popen(_command(workdir, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, duration * 0.6))
-        if process.poll() is not None:
+        processes = [subprocess.Popen(command, **quiet) for command in killed_cmds]
+        time.sleep(rng.uniform(0.5, duration * 0.7))
+        if all(p.poll() is not None for p in processes):
             stats["finished_before_kill"] += 1
             break
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
         stats["kills"] += 1
-        checkpoints = run_dir / "checkpoints"
-        if checkpoints.is_dir() and any(checkpoints.glob(".*.tmp")):
-            stats["killed_during_checkpoint_write"] += 1
-        if (checkpoints / "state.pt").exists():
-            safe_load(checkpoints / "state.pt")  # raises if torn
-            stats["checkpoint_loads"] += 1
-        else:
-            stats["no_checkpoint_yet"] += 1
-    subprocess.run(_command(workdir, "killed"), check=True, env=env, stdout=subprocess.DEVNULL)
-    a, b = _weights(workdir / "straight"), _weights(run_dir)
-    stats["bit_identical"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    stats["metrics_epochs"] = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        _check_checkpoints(killed_dir, stats)
+    for command in killed_cmds[:1]:
+        subprocess.run(command, check=True, **quiet)
+    stats["bit_identical"] = _equal(_state_dicts(straight_dir), _state_dicts(killed_dir))
+    stats["runs_compared"] = len(_state_dicts(killed_dir))
+    stats["epochs_logged_identically"] = _epochs_logged(straight_dir) == _epochs_logged(killed_dir)
+    if target == "study":
+        stats.update(_study_rows(straight_dir, killed_dir))
     stats["uninterrupted_seconds"] = round(duration, 1)
     return stats
 
 
+def _study_rows(straight: Path, killed: Path) -> dict:
+    def rows(folder: Path) -> list[tuple]:
+        database = next(folder.rglob("*.sqlite*"), None) or next(folder.rglob("*.db"))
+        with sqlite3.connect(database) as connection:
+            return connection.execute("SELECT config_hash, status FROM runs ORDER BY config_hash").fetchall()
+
+    a, b = rows(straight), rows(killed)
+    return {"study_rows": len(b), "study_rows_unique": len({h for h, _ in b}) == len(b),
+            "study_rows_match_uninterrupted": a == b}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=["train", "takd", "study"], default="train")
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gapkd-crash-"))
-    print(json.dumps(crash_resume(args.kills, args.seed, workdir), indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(crash_resume(args.target, args.kills, args.seed, workdir), indent=2))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,12 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
                    "test": bundle.test.num_samples, "classes": bundle.num_classes}
     (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if distiller.teacher is not None:
-        teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
+        cached = run_dir / "teacher_acc.json"  # measured once per run, not again on every resume
+        if cached.exists():
+            teacher_acc = json.loads(cached.read_text())
+        else:
+            teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
+            cached.write_text(json.dumps(teacher_acc) + "\n")
     result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks))
     summary = result.summary
     if distiller.teacher is not None:
