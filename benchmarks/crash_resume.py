@@ -32,14 +32,14 @@ import yaml
 
 COMMON = ["data.name=digits", "train.device=cpu", "train.deterministic=true", "train.threads=1", "schedule.name=cosine",
           "data.augment.flip=false", "data.batch_size=32", "data.drop_last=true"]
-TRAIN = ["student.name=resnet8", "train.epochs=12", "data.train_subset=400"]
+TRAIN = ["student.name=resnet8", "train.epochs=8", "data.train_subset=300"]
 TAKD = ["student.name=resnet8", "teacher.name=resnet20", "method.name=kd", "train.epochs=4", "data.train_subset=300", "takd.assistant=resnet14"]
 STUDY = {
     "name": "crash",
-    "base": {"data": {"name": "digits", "train_subset": 200, "batch_size": 32, "drop_last": True, "augment": {"crop_padding": 1, "flip": False}},
+    "base": {"data": {"name": "digits", "train_subset": 150, "batch_size": 32, "drop_last": True, "augment": {"crop_padding": 1, "flip": False}},
              "schedule": {"name": "cosine"}, "train": {"device": "cpu", "deterministic": True, "threads": 1}},
-    "teacher_config": {"train": {"epochs": 3}},
-    "student_config": {"train": {"epochs": 3}},
+    "teacher_config": {"train": {"epochs": 2}},
+    "student_config": {"train": {"epochs": 2}},
     "pairs": [{"teacher": "resnet14", "student": "resnet8"}],
     "methods": {"scratch": {"name": "ce"}, "kd": {"grid": {"temperature": [2.0, 4.0]}}},
     "seeds": [0, 1],
