@@ -378,7 +378,10 @@ def digits_teacher(tiny_overrides):
 
 @pytest.mark.parametrize("method", ["dfpt-kd", "dfpt-kd+"])
 def test_end_to_end_on_digits(method, tiny_overrides, digits_teacher):
-    cfg = build_config(tiny_overrides, overrides={"method": {"name": method}, "teacher": {"name": "resnet14", "checkpoint": digits_teacher}})
+    # clipping, as the recipes on CIFAR-10 do: the prompt path runs through frozen eval-mode BN and a
+    # 1-epoch teacher can push it to diverge at lr 0.05 (docs/dfpt-kd.md, "Stability")
+    cfg = build_config(tiny_overrides, overrides={"method": {"name": method}, "teacher": {"name": "resnet14", "checkpoint": digits_teacher},
+                                                  "train": {"grad_clip": 1.0}})
     summary = run(cfg, echo=False)
     run_dir = run_dir_for(cfg)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
