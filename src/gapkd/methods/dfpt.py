@@ -158,7 +158,6 @@ class DFPTKD(Distiller):
             raise ConfigError(
                 f"method.insert_after={list(h.insert_after)}: the teacher has {stage_count} stages (0..{stage_count - 1})."
             )
-        self.insert_after = insert_after
         self.prompt_blocks = nn.ModuleDict(
             {str(i): PromptBlock(channels[i], h.r1, h.r2, h.kernels) for i in insert_after} if h.use_prompts else {}
         )
