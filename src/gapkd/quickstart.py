@@ -21,6 +21,8 @@ PRESETS = {
 STUDENT_METHODS = [
     ("scratch", {"name": "ce"}),
     ("kd", {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}),
+    ("dfpt-kd", {"name": "dfpt-kd", "temperature": 4.0, "student_ce_weight": 0.1, "student_teacher_weight": 0.45, "student_prompt_weight": 0.45}),
+    ("dfpt-kd+", {"name": "dfpt-kd+", "temperature": 4.0, "student_ce_weight": 0.1, "student_teacher_weight": 0.45, "student_prompt_weight": 0.45}),
 ]
 
 
