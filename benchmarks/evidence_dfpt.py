@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gapkd.api import build_distiller, resolve_device, run
-from gapkd.config import build_config
+from gapkd.config import build_config, merge, parse_overrides
 from gapkd.data import build_data, load_dataset
 from gapkd.engine.optim import build_optimizer
 from gapkd.engine.trainer import autocast_context
@@ -46,7 +46,7 @@ def base_config(args) -> dict:
     else:
         data = {"name": "cifar10-jpg", "path": str(args.data), "batch_size": 128, "train_subset": args.train_subset,
                 "augment": {"crop_padding": 4, "flip": True}}
-    return {
+    tree = {
         "out_dir": str(args.out_dir),
         "data": data,
         "student": {"name": args.student},
@@ -54,6 +54,7 @@ def base_config(args) -> dict:
         "schedule": {"name": "cosine", "min_lr": 1e-4},
         "train": {"epochs": args.epochs, "grad_clip": 1.0, "device": args.device},
     }
+    return merge(tree, parse_overrides(args.overrides))  # e.g. train.amp=bf16 data.test_subset=2000
 
 
 def method_config(args, label: str, seed: int) -> dict:
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-steps", type=int, default=20, help="timed steps per method and round (5 rounds) for the step-time ratio")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/evidence_dfpt"))
     parser.add_argument("--smoke", action="store_true", help="digits, 1 epoch, resnet14 -> resnet8, 2 seeds: seconds")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run (train.amp=bf16 ...)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.epochs, args.seeds, args.teacher, args.student, args.timing_steps = 1, args.seeds[:2], "resnet14", "resnet8", 3
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     teacher = summaries["kd"][0]
     budget = "smoke (digits)" if args.smoke else f"{args.epochs} epochs, train subset {args.train_subset or 'all'}"
+    if args.overrides:
+        budget += f", overrides {' '.join(args.overrides)}"
     lines = [
         f"DFPT-KD evidence: {args.teacher} -> {args.student} on {base['data']['name']}, budget {budget}, "
         f"seeds {args.seeds}, device {resolve_device(args.device)}.",
