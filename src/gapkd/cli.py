@@ -60,7 +60,7 @@ EXAMPLES = {
     """,
     "quickstart": """
         examples:
-          gapkd quickstart                     # digits, about a minute on 2 CPU cores
+          gapkd quickstart                     # digits, a few minutes on 2 CPU cores
           gapkd quickstart --dataset fashion-mnist --epochs 3
     """,
 }
