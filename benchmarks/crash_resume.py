@@ -8,7 +8,7 @@ Targets:
   study  a study grid run by TWO concurrent workers on one SQLite database, both killed at random:
          afterwards every run is in the database exactly once and matches its run directory
 
-    python benchmarks/crash_resume.py --target train --kills 20
+    python benchmarks/crash_resume.py --target train --kills 20 --epochs 30
     python benchmarks/crash_resume.py --target takd --kills 10
     python benchmarks/crash_resume.py --target study --kills 10
 
@@ -96,7 +96,12 @@ def commands(target: str, workdir: Path, name: str) -> tuple[list[list[str]], Pa
     return [worker, worker], study_dir
 
 
-def crash_resume(target: str, kills: int, seed: int, workdir: Path) -> dict:
+def crash_resume(target: str, kills: int, seed: int, workdir: Path, epochs: int | None = None) -> dict:
+    """Kill ``kills`` times, each after a random time in a window sized so the kills spread over the
+    whole job (startup included), then finish and compare. ``epochs`` lengthens the train target."""
+    if epochs is not None:
+        global TRAIN
+        TRAIN = [a for a in TRAIN if not a.startswith("train.epochs=")] + [f"train.epochs={epochs}"]
     rng = random.Random(seed)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
@@ -109,7 +114,7 @@ def crash_resume(target: str, kills: int, seed: int, workdir: Path) -> dict:
     killed_cmds, killed_dir = commands(target, workdir, "killed")
     for _ in range(kills):
         processes = [subprocess.Popen(command, **quiet) for command in killed_cmds]
-        time.sleep(rng.uniform(0.5, duration * 0.7))
+        time.sleep(rng.uniform(1.0, 4.0 + 1.5 * duration / kills))
         if all(p.poll() is not None for p in processes):
             stats["finished_before_kill"] += 1
             break
@@ -147,10 +152,11 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--epochs", type=int, default=None, help="train target: epochs of the run (default 8)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gapkd-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(crash_resume(args.target, args.kills, args.seed, workdir), indent=2))
+    print(json.dumps(crash_resume(args.target, args.kills, args.seed, workdir, args.epochs), indent=2))
 
 
 if __name__ == "__main__":
