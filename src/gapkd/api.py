@@ -143,14 +143,19 @@ def _diagnostics_hook(cfg: RunConfig, distiller: Distiller, bundle: DataBundle, 
     return decomposition_diagnostics(distiller, bundle.val, temperature, amp_ctx)
 
 
-def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
+def model_accuracy(model: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
+    """Top-1 accuracy (%) of a plain model on the test split and, when there is one, the validation split."""
     from .methods.ce import CrossEntropy
 
-    probe = CrossEntropy(teacher).eval()
-    out = {"teacher_test_acc": evaluate(probe, bundle.test, amp_ctx)["student"]}
+    probe = CrossEntropy(model).eval()
+    out = {"test": evaluate(probe, bundle.test, amp_ctx)["student"]}
     if bundle.val is not None:
-        out["teacher_val_acc"] = evaluate(probe, bundle.val, amp_ctx)["student"]
+        out["val"] = evaluate(probe, bundle.val, amp_ctx)["student"]
     return out
+
+
+def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
+    return {f"teacher_{split}_acc": value for split, value in model_accuracy(teacher, bundle, amp_ctx).items()}
 
 
 def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
@@ -181,17 +186,13 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto") -> dict:
     """Accuracy of a model checkpoint on the validation and test splits of a dataset."""
-    from .methods.ce import CrossEntropy
-
     torch_device = resolve_device(device)
     bundle = build_data(data_cfg, torch_device, 0)
     model, name = load_model(checkpoint, bundle.data, model_name)
-    probe = CrossEntropy(model.to(torch_device)).eval()
     amp_ctx, _ = autocast_context(torch_device, "auto")
-    out = {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name, "test_acc": evaluate(probe, bundle.test, amp_ctx)["student"]}
-    if bundle.val is not None:
-        out["val_acc"] = evaluate(probe, bundle.val, amp_ctx)["student"]
-    return out
+    accuracy = model_accuracy(model.to(torch_device), bundle, amp_ctx)
+    return {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name,
+            **{f"{split}_acc": value for split, value in accuracy.items()}}
 
 
 def analyze_checkpoints(teacher_checkpoint: str | os.PathLike, student_checkpoint: str | os.PathLike, data_cfg, split: str = "val", *,
