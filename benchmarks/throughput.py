@@ -27,6 +27,7 @@ from gapkd.config import build_config
 from gapkd.data import ImageData, Split
 from gapkd.data.core import channel_stats, make_split
 from gapkd.engine.checkpoint import atomic_save
+from gapkd.engine.trainer import autocast_context
 from gapkd.engine.runlog import read_metrics
 from gapkd.models import create_model
 
@@ -50,15 +51,39 @@ def benchmark_data(images: int, seed: int = 0) -> ImageData:
     return ImageData("random", [str(i) for i in range(10)], train, test, mean, std)
 
 
-def make_config(workdir: Path, teacher: str, student: str, method: str, batch: int, device: str, extra: list[str]):
+def calibrated_teacher(name: str, data: ImageData) -> torch.nn.Module:
+    """A random-weight teacher that behaves like a trained one numerically: BatchNorm statistics
+    from the data and the classifier scaled so logits have a standard deviation of 3. (Raw random
+    deep ResNets give logits of +-40, whose tau^2-scaled KD terms make DFPT's prompt path diverge
+    in a few steps; speed does not depend on the weights' values.)"""
+    from gapkd.data.loader import Normalizer
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=data.num_classes).train()
+    normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
+    with torch.no_grad():
+        for start in range(0, min(len(data.train), 512), 128):
+            model(normalize(data.train.images[start:start + 128]))
+        model.eval()
+        scale = 3.0 / model(normalize(data.train.images[:128])).std().item()
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
+    return model
+
+
+def make_config(workdir: Path, teacher: str, student: str, method: str, batch: int, device: str, extra: list[str], data: ImageData):
     teacher_path = workdir / f"{teacher}.pt"
     if not teacher_path.exists():
-        atomic_save({"format": "gapkd-model", "model": teacher, "num_classes": 10, "state_dict": create_model(teacher, num_classes=10).state_dict()}, teacher_path)
+        model = calibrated_teacher(teacher, data)
+        atomic_save({"format": "gapkd-model", "model": teacher, "num_classes": data.num_classes, "state_dict": model.state_dict()}, teacher_path)
     return build_config({
         "out_dir": str(workdir), "name": f"{method}-{teacher}-{student}",
         "data": {"name": "digits", "val_fraction": 0.0, "batch_size": batch, "drop_last": True},
         "student": {"name": student}, "teacher": {"name": teacher, "checkpoint": str(teacher_path)},
         "method": {"name": method}, "train": {"epochs": 1, "device": device}, "schedule": {"name": "constant"},
+        # a small lr: the random-weight teachers here make DFPT's prompt path diverge at recipe rates, and
+        # the learning rate does not change the work done per step
+        "optim": {"lr": 0.001},
     }, overrides=extra)
 
 
@@ -73,14 +98,19 @@ def compute_bound(cfg, data: ImageData, device: torch.device, steps: int) -> flo
     from gapkd.methods import StepInfo
 
     distiller = build_distiller(cfg, data, len(data.train)).to(device).train()
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
+    if channels_last:  # the same precision and memory format as (a), so the bound is a fair one
+        distiller = distiller.to(memory_format=torch.channels_last)
+    amp_ctx, _ = autocast_context(device, cfg.train.amp)
     optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
-    normalize = Normalizer(data.mean, data.std, device)
+    normalize = Normalizer(data.mean, data.std, device, channels_last)
     batch = cfg.data.batch_size
     batches = [(normalize(data.train.images[i:i + batch].to(device)), data.train.labels[i:i + batch].to(device))
                for i in range(0, batch * 4, batch)]
     def step(k):
         images, labels = batches[k % len(batches)]
-        out = distiller(images, labels, StepInfo(0, k, 1, steps, data.train.indices[:batch].to(device)))
+        with amp_ctx():
+            out = distiller(images, labels, StepInfo(0, k, 1, steps, data.train.indices[:batch].to(device)))
         optimizer.zero_grad(set_to_none=True)
         sum(out.losses.values()).backward()
         optimizer.step()
@@ -169,7 +199,7 @@ def main() -> None:
         for pair in args.pairs:
             teacher, student = pair.split(":")
             for method in args.methods:
-                cfg = make_config(Path(tmp), teacher, student, method, args.batch, args.device, args.overrides)
+                cfg = make_config(Path(tmp), teacher, student, method, args.batch, args.device, args.overrides, data)
                 a = gapkd_loop(cfg, data) / (len(data.train) // args.batch * args.batch)
                 c = compute_bound(cfg, data, device, args.steps)
                 b = conventional_loop(cfg, data, device, args.workers) if method == "kd" else None
