@@ -165,5 +165,6 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
 
 __all__ = [
     "DATASETS", "ImageData", "Split", "Batch", "DeviceLoader", "Normalizer", "DataBundle",
-    "FileSplit", "FolderData", "StreamingLoader", "STREAMING_DATASETS", "is_streaming", "load_dataset", "build_data", "split_data", "resolve_data_root", "cache_dir", "stratified_holdout",
+    "FileSplit", "FolderData", "StreamingLoader", "STREAMING_DATASETS", "is_streaming",
+    "load_dataset", "build_data", "split_data", "resolve_data_root", "cache_dir", "stratified_holdout",
 ]
