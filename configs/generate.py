@@ -6,6 +6,15 @@
 - <dataset>/<teacher>-<student>/<method>.yaml: distillation with the published CIFAR recipe of
   RepDistiller / mdistiller (see shared/reference/published-results.md), per-pair DKD beta as in
   mdistiller's configs. Our protocol holds out 10% of train for validation (data.val_fraction).
+- imagenet/<teacher>-<student>/<method>.yaml: mdistiller's ImageNet recipes (100 epochs, SGD momentum 0.9,
+  step decay x0.1 at 30/60/90, weight decay 1e-4, KD at T=1 with CE/KD weights 0.5/0.5, DKD beta 0.5
+  for ResNet34->ResNet18 and 2 for ResNet50->MobileNetV2, 1 warm-up epoch). mdistiller trains with
+  batch 512 at lr 0.2; these use the equivalent, more common batch 256 at lr 0.1 (linear scaling).
+  Teachers are torchvision's ImageNet weights (IMAGENET1K_V1 files) the user puts under weights/;
+  1% of train is held out for validation.
+- cub200/: CUB-200-2011 at 224 from scratch with CS-KD's fine-grained recipe (Yun et al., CVPR 2020:
+  batch 32, lr 0.1, weight decay 1e-4, 200 epochs, step decay at 100/150) for the teacher and the
+  students; KD/DKD weights as in the CIFAR recipes (no published KD recipe for this pair).
 - cifar10/: the same pairs on CIFAR-10, plus the capacity study's ResNet pairs (logit-kd,
   feature-kd; specs/capacity-study.md) with their own teachers (teachers/study-<model>.yaml) and
   from-scratch baselines (baselines/study-<model>.yaml).
@@ -74,6 +83,40 @@ def study_recipe(epochs: int) -> dict:
     }
 
 
+# teacher, student, DKD beta (mdistiller's ImageNet configs), torchvision's IMAGENET1K_V1 weight file of the teacher
+IMAGENET_PAIRS = [("resnet34", "resnet18", 0.5, "resnet34-b627a593.pth"), ("resnet50", "mobilenet_v2", 2.0, "resnet50-0676ba61.pth")]
+CUB_PAIRS = [("resnet34", "resnet18")]
+
+
+def imagenet_recipe() -> dict:
+    """mdistiller's ImageNet recipe at batch 256 / lr 0.1 (theirs: 512 / 0.2)."""
+    return {
+        "data": {"name": "imagenet", "image_size": 224, "batch_size": 256, "eval_batch_size": 256, "val_fraction": 0.01,
+                 "augment": {"flip": True, "scale": [0.08, 1.0]}},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "schedule": {"name": "step", "milestones": [30, 60, 90], "gamma": 0.1},
+        "train": {"epochs": 100},
+    }
+
+
+def cub_recipe() -> dict:
+    """CS-KD's CUB-200-2011 recipe: 224 px from scratch, batch 32, lr 0.1, step at 100/150 of 200 epochs."""
+    return {
+        "data": {"name": "cub200", "image_size": 224, "batch_size": 32, "eval_batch_size": 128, "val_fraction": 0.1,
+                 "augment": {"flip": True, "scale": [0.08, 1.0]}},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "schedule": {"name": "step", "milestones": [100, 150], "gamma": 0.1},
+        "train": {"epochs": 200},
+    }
+
+
+def imagenet_hparams(method: str, dkd_beta: float) -> dict:
+    return {
+        "kd": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
+        "dkd": {"alpha": 1.0, "beta": dkd_beta, "temperature": 1.0, "warmup_epochs": 1, "ce_weight": 1.0},
+    }[method]
+
+
 def teacher_run(dataset: str, model: str, prefix: str = "") -> str:
     return f"teacher-{dataset}-{prefix}{model}"
 
@@ -107,6 +150,17 @@ def recipes() -> dict[str, dict]:
         for method in ("logit-kd", "feature-kd"):
             out[f"cifar10/{teacher_model}-{student}/{method}.yaml"] = distill(
                 "cifar10", teacher_model, student, method, method_hparams(method, 0.0), study_recipe(100), prefix="study-"
+            )
+    for teacher_model, student, dkd_beta, weights in IMAGENET_PAIRS:
+        for method in ("kd", "dkd"):
+            recipe = distill("imagenet", teacher_model, student, method, imagenet_hparams(method, dkd_beta), imagenet_recipe())
+            recipe["teacher"]["checkpoint"] = f"weights/{weights}"  # torchvision's file, loaded as it is
+            out[f"imagenet/{teacher_model}-{student}/{method}.yaml"] = recipe
+    for teacher_model, student in CUB_PAIRS:
+        out[f"cub200/teachers/{teacher_model}.yaml"] = teacher("cub200", teacher_model, cub_recipe())
+        for method in ("kd", "dkd"):
+            out[f"cub200/{teacher_model}-{student}/{method}.yaml"] = distill(
+                "cub200", teacher_model, student, method, method_hparams(method, 8.0), cub_recipe()
             )
     for model in STUDY_BASELINES:
         out[f"cifar10/baselines/study-{model}.yaml"] = {"student": {"name": model}, "method": {"name": "ce"}, **study_recipe(100)}

@@ -12,7 +12,7 @@ import torch
 from .config import RunConfig, build_config
 from .data import DataBundle, ImageData, build_data
 from .engine.checkpoint import safe_load
-from .engine.runlog import environment
+from .engine.runlog import environment, tensorboard_writer_class
 from .engine.trainer import autocast_context, evaluate, fit
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS, Distiller, TaskInfo
@@ -82,6 +82,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
                 print(f"{run_dir} is already finished (pass --overwrite to run it again).")
             return summary
         raise ConfigError(f"{run_dir} holds a finished run with a different config; choose another run.name or pass --overwrite.")
+    if cfg.train.tensorboard:
+        tensorboard_writer_class()  # fail now, not after reading the data and measuring the teacher
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:

@@ -23,8 +23,30 @@ class _Strict(BaseModel):
 
 
 class AugmentConfig(_Strict):
-    crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop)")
+    """Training augmentation. In-memory datasets: random crop with zero padding + flip, in batch on the
+    device. Streaming datasets (imagenet, cub200, image-folder-stream): random-resized crop + flip per
+    image in the loader's workers, and resize + center crop for evaluation."""
+
+    crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop); in-memory datasets")
     flip: bool = Field(True, description="random horizontal flip")
+    scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
+    )
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="aspect ratio range of the random-resized crop (log-uniform); streaming datasets"
+    )
+    eval_crop_fraction: float = Field(
+        0.875, gt=0, le=1, description="evaluation resizes the shorter side to image_size / this, then center-crops "
+        "image_size (224/256 = 0.875); streaming datasets",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "AugmentConfig":
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"augment.scale must satisfy 0 < low <= high <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"augment.ratio must satisfy 0 < low <= high, got {list(self.ratio)}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -40,6 +62,14 @@ class DataConfig(_Strict):
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
     drop_last: bool = Field(False, description="drop the last incomplete training batch")
+    image_size: Optional[int] = Field(
+        None, ge=8, description="side of the square images a streaming dataset (imagenet, cub200, image-folder-stream) "
+        "yields; default 224. In-memory datasets keep their own size and reject this key",
+    )
+    workers: Optional[int] = Field(
+        None, ge=0, description="worker processes decoding images for streaming datasets; default min(8, CPU cores); "
+        "0 decodes in the training process. Batches do not depend on it",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -92,6 +122,10 @@ class TrainConfig(_Strict):
         False, description="log the KD-loss decomposition (diag/kd, diag/class, diag/inner, diag/tckd, diag/nckd, ...) of teacher "
         "vs student on the validation split each epoch, at the method's temperature (4 if it has none); runs with a teacher only",
     )
+    tensorboard: bool = Field(
+        False, description="also write every metrics.jsonl record's numbers to run_dir/tensorboard "
+        '(needs pip install "gapkd[tensorboard]")',
+    )
 
 
 class RunConfig(_Strict):
@@ -123,8 +157,16 @@ class RunConfig(_Strict):
     def hparams_hash(self) -> str:
         """A short hash of everything that changes the result (not where it is written)."""
         payload = self.model_dump(mode="json", exclude={"name", "out_dir"})
-        for key in ("log_every", "diagnostics"):  # what is logged does not change the result
+        for key in ("log_every", "diagnostics", "tensorboard"):  # what is logged does not change the result
             payload["train"].pop(key, None)
+        payload["data"].pop("workers", None)  # streamed batches are the same for any number of workers
+        # streaming-only keys, added later: hashed only when set, so earlier runs keep their hashes (and resume)
+        if payload["data"]["image_size"] is None:
+            del payload["data"]["image_size"]
+        augment = payload["data"]["augment"]
+        for key in ("scale", "ratio", "eval_crop_fraction"):
+            if augment[key] == AugmentConfig().model_dump(mode="json")[key]:
+                del augment[key]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def default_name(self) -> str:

@@ -1,17 +1,19 @@
 """Datasets (uint8 tensors + labels + class names + normalisation) and on-device loaders."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .core import ImageData, Split, cache_dir, check_labels, resolve_data_root, stratified_holdout, subsample
 from .loader import Batch, DeviceLoader, Normalizer
-from . import sources
+from .streaming import DEFAULT_IMAGE_SIZE, FileSplit, FolderData, StreamingLoader
+from . import sources, streaming
 
 #: name -> reader(root: Path, config: DataConfig) -> ImageData
 DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")
@@ -69,9 +71,44 @@ def _image_folder(root: Path, cfg) -> ImageData:
     return sources.read_image_tree(Path(cfg.path), Path(cfg.path).name)
 
 
+# Too big for memory: streamed from disk by worker processes (gapkd.data.streaming)
+STREAMING_DATASETS = ("imagenet", "cub200", "image-folder-stream")
+
+
+@DATASETS.register("imagenet", "ilsvrc2012", "imagenet-1k")
+def _imagenet(root: Path, cfg) -> FolderData:
+    """ImageNet-1k streamed from train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (val reported as test)."""
+    path = Path(cfg.path).expanduser() if cfg.path else root / "imagenet"
+    return streaming.read_split_tree(path, "imagenet", cfg.image_size or DEFAULT_IMAGE_SIZE, test_names=("val",))
+
+
+@DATASETS.register("cub200", "cub-200", "cub-200-2011", "cub_200_2011")
+def _cub200(root: Path, cfg) -> FolderData:
+    """CUB-200-2011 streamed with its official train/test split (or from train/ and val|test/ folders)."""
+    path = Path(cfg.path).expanduser() if cfg.path else root / "CUB_200_2011"
+    return streaming.read_cub200(path, cfg.image_size or DEFAULT_IMAGE_SIZE)
+
+
+@DATASETS.register("image-folder-stream", "imagefolder-stream")
+def _image_folder_stream(root: Path, cfg) -> FolderData:
+    """Any folder of images of any size laid out train/<class>/ and val|test/<class>/, streamed."""
+    if not cfg.path:
+        raise DataError("image-folder-stream needs data.path=FOLDER (laid out train/<class>/*.jpg and val/<class>/*.jpg or test/<class>/*.jpg).")
+    return streaming.read_split_tree(Path(cfg.path), Path(cfg.path).name, cfg.image_size or DEFAULT_IMAGE_SIZE)
+
+
+def is_streaming(name: str) -> bool:
+    return DATASETS.canonical(name) in STREAMING_DATASETS
+
+
 def load_dataset(cfg) -> ImageData:
     """Read the dataset a DataConfig names (from its root / path), checked for bad labels and shapes."""
     reader = DATASETS.get(cfg.name)
+    if cfg.image_size is not None and not is_streaming(cfg.name):
+        raise ConfigError(
+            f"data.image_size applies to the streaming datasets ({', '.join(STREAMING_DATASETS)}); {cfg.name!r} is decoded "
+            "once at its own size. Remove data.image_size (or use image-folder-stream for a folder of larger images)."
+        )
     return check_labels(reader(resolve_data_root(cfg.root), cfg))
 
 
@@ -80,9 +117,9 @@ class DataBundle:
     """The three loaders of a run plus the dataset facts models and methods need."""
 
     data: ImageData
-    train: DeviceLoader
-    val: DeviceLoader | None
-    test: DeviceLoader
+    train: DeviceLoader | StreamingLoader
+    val: DeviceLoader | StreamingLoader | None
+    test: DeviceLoader | StreamingLoader
 
     @property
     def num_classes(self) -> int:
@@ -106,10 +143,18 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
     data = data if data is not None else load_dataset(cfg)
     train, val, test = split_data(data, cfg, seed)
     normalizer = Normalizer(data.mean, data.std, device, channels_last)
-    make = lambda split, train_mode, batch: DeviceLoader(  # noqa: E731
-        split, batch, normalizer, device, train=train_mode, seed=seed,
-        crop_padding=cfg.augment.crop_padding, flip=cfg.augment.flip, drop_last=cfg.drop_last and train_mode,
-    )
+    if isinstance(data, FolderData):
+        augment, workers = cfg.augment, cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
+        make = lambda split, train_mode, batch: StreamingLoader(  # noqa: E731
+            split, batch, normalizer, device, train=train_mode, size=data.image_size, seed=seed, scale=augment.scale,
+            ratio=augment.ratio, flip=augment.flip, crop_fraction=augment.eval_crop_fraction,
+            drop_last=cfg.drop_last and train_mode, workers=workers,
+        )
+    else:
+        make = lambda split, train_mode, batch: DeviceLoader(  # noqa: E731
+            split, batch, normalizer, device, train=train_mode, seed=seed,
+            crop_padding=cfg.augment.crop_padding, flip=cfg.augment.flip, drop_last=cfg.drop_last and train_mode,
+        )
     return DataBundle(
         data=replace(data, train=train),
         train=make(train, True, cfg.batch_size),
@@ -120,5 +165,6 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
 
 __all__ = [
     "DATASETS", "ImageData", "Split", "Batch", "DeviceLoader", "Normalizer", "DataBundle",
+    "FileSplit", "FolderData", "StreamingLoader", "STREAMING_DATASETS", "is_streaming",
     "load_dataset", "build_data", "split_data", "resolve_data_root", "cache_dir", "stratified_holdout",
 ]

@@ -81,6 +81,8 @@ def check_labels(data: ImageData) -> ImageData:
                 f"{split_name} labels of {data.name!r} range over {low}..{high} but there are {data.num_classes} classes; "
                 "labels must be 0..num_classes-1."
             )
+    if not isinstance(data.train, Split):  # files streamed from disk: sized by their loader's transforms
+        return data
     if data.train.images.shape[1:] != data.test.images.shape[1:]:
         raise DataError(
             f"train images are {tuple(data.train.images.shape[1:])} but test images {tuple(data.test.images.shape[1:])}; "

@@ -13,11 +13,30 @@ from pathlib import Path
 import torch
 
 
-class MetricsLog:
-    """One JSON object per line; on resume, lines past the checkpoint's epoch are dropped."""
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or one clear error when the optional tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from ..errors import ConfigError
 
-    def __init__(self, path: Path, keep_epochs: int):
+        raise ConfigError(
+            'train.tensorboard=true needs the tensorboard package: pip install "gapkd[tensorboard]" '
+            "(or set train.tensorboard=false; metrics.jsonl is written either way)."
+        ) from None
+    return SummaryWriter
+
+
+class MetricsLog:
+    """One JSON object per line; on resume, lines past the checkpoint's epoch are dropped.
+    With ``tensorboard_dir``, every number of every record also goes to TensorBoard, at step = epoch
+    (on resume, the events past the checkpoint's epoch are purged)."""
+
+    def __init__(self, path: Path, keep_epochs: int, tensorboard_dir: Path | None = None):
         self.path = path
+        self.writer = None
+        if tensorboard_dir is not None:
+            self.writer = tensorboard_writer_class()(str(tensorboard_dir), purge_step=keep_epochs + 1 if keep_epochs else None)
         lines = []
         if path.exists():
             for line in path.read_text().splitlines():
@@ -32,6 +51,16 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as out:
             out.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record.get("epoch")
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, global_step=step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -93,7 +93,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         start_epoch, best, history = state["epoch"], state["best"], state["history"]
         train_seconds, skipped = state["train_seconds"], state.get("skipped_steps", 0)
         log(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=start_epoch)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=start_epoch,
+                         tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None)
 
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # randomness inside methods, reproducible per epoch
@@ -190,6 +191,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 state_path,
             )
 
+    metrics.close()
     last = history[-1] if history else {}
     if data.val is None:  # nothing to select on: report the last epoch and say so
         best = {"val": None, "epoch": epochs, "test": last.get("test_acc")}
