@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from gapkd.api import build_distiller, resolve_device, run
+from gapkd.api import resolve_device, run
 from gapkd.config import build_config, merge, parse_overrides
-from gapkd.data import build_data, load_dataset
-from gapkd.engine.optim import build_optimizer
-from gapkd.engine.trainer import autocast_context
-from gapkd.methods import StepInfo
+from gapkd.data import load_dataset
+from steps import time_steps  # benchmarks/steps.py
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_JPG = REPO.parent / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
@@ -69,49 +64,6 @@ def smoke_teacher(args, base: dict, data) -> Path:
     cfg = build_config(base, overrides={"name": "teacher", "student": {"name": args.teacher}, "method": {"name": "ce"}})
     run(cfg, echo=False, data=data)
     return Path(cfg.out_dir) / "teacher" / "checkpoints" / "best.pt"
-
-
-def make_step(cfg, data):
-    """One training step (forward, backward, optimiser step) of the run ``cfg`` on one fixed batch,
-    and a function that waits for the device."""
-    device = resolve_device(cfg.train.device)
-    channels_last = device.type == "cuda"
-    bundle = build_data(cfg.data, device, cfg.seed, channels_last, data=data)
-    distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples).to(device)
-    if channels_last:
-        distiller = distiller.to(memory_format=torch.channels_last)
-    distiller.train()
-    optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
-    amp_ctx, _ = autocast_context(device, cfg.train.amp)
-    batch = next(iter(bundle.train.epoch(0)))
-    info = StepInfo(0, 0, 1, 1, batch.indices)
-
-    def step():
-        with amp_ctx():
-            loss = sum(distiller(batch.images, batch.labels, info).losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
-def time_steps(configs: dict, data, steps: int, rounds: int = 5) -> dict[str, float]:
-    """Seconds per step of each run, timed in interleaved rounds after a warm-up; the fastest
-    round counts, so other work on a shared machine inflates the ratio as little as possible."""
-    steppers = {label: make_step(cfg, data) for label, cfg in configs.items()}
-    best = {}
-    for _ in range(rounds):
-        for label, (step, sync) in steppers.items():
-            for _ in range(2):  # warm-up (and after the other methods ran)
-                step()
-            sync()
-            started = time.perf_counter()
-            for _ in range(steps):
-                step()
-            sync()
-            best[label] = min(best.get(label, float("inf")), (time.perf_counter() - started) / steps)
-    return best
 
 
 def mean_std(values: list[float]) -> str:

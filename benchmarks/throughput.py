@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gapkd.api import build_distiller, run, run_dir_for
+from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
 from gapkd.data import ImageData, Split
 from gapkd.data.core import channel_stats, make_split
 from gapkd.engine.checkpoint import atomic_save
-from gapkd.engine.trainer import autocast_context
 from gapkd.engine.runlog import read_metrics
 from gapkd.models import create_model
+from steps import time_steps  # benchmarks/steps.py
 
 CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
 
@@ -90,38 +90,6 @@ def make_config(workdir: Path, teacher: str, student: str, method: str, batch: i
 def gapkd_loop(cfg, data: ImageData) -> float:
     run(cfg, echo=False, data=data)
     return read_metrics(run_dir_for(cfg) / "metrics.jsonl")[0]["epoch_seconds"]
-
-
-def compute_bound(cfg, data: ImageData, device: torch.device, steps: int) -> float:
-    from gapkd.data.loader import Normalizer
-    from gapkd.engine.optim import build_optimizer
-    from gapkd.methods import StepInfo
-
-    distiller = build_distiller(cfg, data, len(data.train)).to(device).train()
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
-    if channels_last:  # the same precision and memory format as (a), so the bound is a fair one
-        distiller = distiller.to(memory_format=torch.channels_last)
-    amp_ctx, _ = autocast_context(device, cfg.train.amp)
-    optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
-    normalize = Normalizer(data.mean, data.std, device, channels_last)
-    batch = cfg.data.batch_size
-    batches = [(normalize(data.train.images[i:i + batch].to(device)), data.train.labels[i:i + batch].to(device))
-               for i in range(0, batch * 4, batch)]
-    def step(k):
-        images, labels = batches[k % len(batches)]
-        with amp_ctx():
-            out = distiller(images, labels, StepInfo(0, k, 1, steps, data.train.indices[:batch].to(device)))
-        optimizer.zero_grad(set_to_none=True)
-        sum(out.losses.values()).backward()
-        optimizer.step()
-    for k in range(3):
-        step(k)
-    _sync(device)
-    started = time.perf_counter()
-    for k in range(steps):
-        step(k)
-    _sync(device)
-    return (time.perf_counter() - started) / steps / batch  # seconds per image
 
 
 class _PerSampleDataset(torch.utils.data.Dataset):
@@ -186,7 +154,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["kd", "dkd", "simkd", "dfpt-kd", "dfpt-kd+"])
     parser.add_argument("--images", type=int, default=2048, help="training images per measured epoch")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="steps timed for the compute bound")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round of the compute bound")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the compute bound (the fastest counts)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the conventional loop")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
@@ -198,10 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for pair in args.pairs:
             teacher, student = pair.split(":")
-            for method in args.methods:
-                cfg = make_config(Path(tmp), teacher, student, method, args.batch, args.device, args.overrides, data)
+            configs = {m: make_config(Path(tmp), teacher, student, m, args.batch, args.device, args.overrides, data) for m in args.methods}
+            bound = time_steps(configs, data, args.steps, rounds=args.rounds)  # (c), interleaved across methods
+            for method, cfg in configs.items():
                 a = gapkd_loop(cfg, data) / (len(data.train) // args.batch * args.batch)
-                c = compute_bound(cfg, data, device, args.steps)
+                c = bound[method] / args.batch
                 b = conventional_loop(cfg, data, device, args.workers) if method == "kd" else None
                 rows.append({"pair": pair, "method": method, "gapkd_img_s": 1 / a, "compute_bound_img_s": 1 / c,
                              "conventional_img_s": (1 / b) if b else None, "a_over_c": c / a, "a_over_b": (b / a) if b else None})

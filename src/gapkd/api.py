@@ -13,10 +13,11 @@ from .config import RunConfig, build_config
 from .data import DataBundle, ImageData, build_data
 from .engine.checkpoint import safe_load
 from .engine.runlog import environment, tensorboard_writer_class
-from .engine.trainer import autocast_context, evaluate, fit
+from .engine.trainer import autocast_context, evaluate, fit, resolve_channels_last
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS, Distiller, TaskInfo
 from .models import create_model, extract_state_dict, load_state_dict_strict
+from .models.fold import fold_batchnorm
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,6 +65,23 @@ def build_distiller(cfg: RunConfig, data: ImageData, num_train: int | None = Non
     return method(student, teacher, task=task, **cfg.method.hparams)
 
 
+def prepare_distiller(cfg: RunConfig, bundle: DataBundle, device: torch.device) -> Distiller:
+    """build_distiller, then made fast for training on ``device``: the frozen teacher's BatchNorm
+    folded into its convs (train.fold_teacher_bn), channels_last memory format where it is on,
+    and the training forward compiled with train.compile."""
+    distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples)
+    if distiller.teacher is not None and cfg.train.fold_teacher_bn:
+        data = bundle.data
+        fold_batchnorm(distiller.teacher, torch.randn(2, data.in_channels, data.image_size, data.image_size))
+    distiller = distiller.to(device)
+    if resolve_channels_last(device, cfg.train):
+        distiller = distiller.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        backend = "inductor" if cfg.train.compile is True else cfg.train.compile
+        distiller.compile(backend=backend)  # the training step's forward: teacher, student and losses in one graph
+    return distiller
+
+
 def run_dir_for(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / (cfg.name or cfg.default_name())
 
@@ -90,11 +108,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
-    bundle = build_data(cfg.data, device, cfg.seed, channels_last, data=data)
-    distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples).to(device)
-    if channels_last:
-        distiller = distiller.to(memory_format=torch.channels_last)
+    bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train), data=data)
+    distiller = prepare_distiller(cfg, bundle, device)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
     hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None]
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -110,9 +110,14 @@ class TrainConfig(_Strict):
     epochs: int = Field(240, ge=1)
     grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm over ALL trained parameters")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
-    channels_last: Optional[bool] = Field(None, description="default: on for CUDA")
-    compile: bool = False
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), off elsewhere")
+    channels_last: Optional[bool] = Field(None, description="default: on wherever amp resolves to bf16/fp16")
+    compile: Union[bool, Literal["inductor", "aot_eager", "eager", "cudagraphs"]] = Field(
+        False, description="torch.compile the training forward (true = the inductor backend, or a backend name); "
+        "compiling takes about a minute on CPU, so it pays off on long runs only")
+    fold_teacher_bn: bool = Field(
+        True, description="fold the frozen teacher's BatchNorm into its convolutions (same outputs up to rounding, faster)")
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU holds without it)")
     log_every: int = Field(50, ge=1, description="steps between progress updates")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss: stop, or skip the step and count it")
@@ -163,6 +168,8 @@ class RunConfig(_Strict):
         # streaming-only keys, added later: hashed only when set, so earlier runs keep their hashes (and resume)
         if payload["data"]["image_size"] is None:
             del payload["data"]["image_size"]
+        if payload["train"]["fold_teacher_bn"]:
+            del payload["train"]["fold_teacher_bn"]
         augment = payload["data"]["augment"]
         for key in ("scale", "ratio", "eval_crop_fraction"):
             if augment[key] == AugmentConfig().model_dump(mode="json")[key]:
