@@ -97,6 +97,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
     bundle = build_data(cfg.data, device, cfg.seed, channels_last, data=data)
     distiller = build_distiller(cfg, bundle.data, bundle.train.num_samples).to(device)
+    if dist.enabled:
+        distributed.check_supported(distiller)  # before anything is written
     if channels_last:
         distiller = distiller.to(memory_format=torch.channels_last)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)

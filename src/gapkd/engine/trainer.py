@@ -68,6 +68,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
     run_dir = Path(run_dir)
     dist = dist or distributed.current()
     main = dist.is_main
+    echo = echo and main
     ckpt_dir = run_dir / "checkpoints"
     if main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
