@@ -97,7 +97,7 @@ def check_supported(distiller: nn.Module) -> None:
         raise ConfigError(
             f"method {type(distiller).__name__} keeps per-sample state (a memory bank) that each process would update "
             "for its own samples only; it cannot train under torchrun with more than one process yet. "
-            "Run it in a single process (python -m gapkd ... without torchrun, or --nproc_per_node 1)."
+            "Run it in a single process (`gapkd distill ...` without torchrun, or torchrun --nproc_per_node 1)."
         )
 
 
