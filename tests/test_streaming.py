@@ -244,6 +244,15 @@ def test_channels_last_and_rank_slices(tmp_path):
     assert all(len(r) == len(whole) == 2 for r in ranks)
     for full, *parts in zip(whole.batches(1), *(r.batches(1) for r in ranks)):
         assert torch.equal(torch.cat(parts), full)  # each rank its slice of the same global batch
+    # the engine's DDP interface: shard() gives the same slices, and weights average to the global mean
+    for world in (2, 4):
+        shards = [whole.shard(r, world) for r in range(world)]
+        for full, *parts in zip(whole.batches(1), *(v.batches(1) for v in shards)):
+            assert torch.equal(torch.cat(parts), full)
+        for b, *ws in zip(whole.batches(1), *(v.weights() for v in shards)):
+            assert sum(ws) == pytest.approx(world)
+        assert sum(len(next(v.epoch(1)).labels) for v in shards) == 6
+    assert whole.rank == 0 and whole.world_size == 1  # shard() returns views; the loader is unchanged
     with pytest.raises(DataError, match="smaller than the 4 processes"):
         StreamingLoader(data.train, 2, normalizer, CPU, train=True, size=8, world_size=4)
 

@@ -11,6 +11,7 @@ import torch
 
 from .config import RunConfig, build_config
 from .data import DataBundle, ImageData, build_data
+from .engine import distributed
 from .engine.checkpoint import safe_load
 from .engine.runlog import environment, tensorboard_writer_class
 from .engine.trainer import autocast_context, evaluate, fit, resolve_channels_last
@@ -88,11 +89,17 @@ def run_dir_for(cfg: RunConfig) -> Path:
 
 def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: ImageData | None = None, on_epoch=None) -> dict[str, Any]:
     """Train (or distil) one run to completion, resuming it if it was interrupted; returns summary.json.
-    ``on_epoch``: see :func:`gapkd.engine.trainer.fit` (pipelines keep extra checkpoints with it)."""
+    ``on_epoch``: see :func:`gapkd.engine.trainer.fit` (pipelines keep extra checkpoints with it).
+    Launched by torchrun, every process calls this; they train together (DDP) and rank 0 writes."""
     run_dir = run_dir_for(cfg)
     summary_path = run_dir / "summary.json"
-    if overwrite and run_dir.exists():
+    dist, device = distributed.setup(resolve_device(cfg.train.device))
+    distributed.check_batch_size(cfg.data.batch_size, dist)
+    main = dist.is_main
+    echo = echo and main
+    if overwrite and run_dir.exists() and main:
         shutil.rmtree(run_dir)
+    dist.barrier()
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("config_hash") == cfg.hparams_hash():
@@ -106,30 +113,36 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train), data=data)
     distiller = prepare_distiller(cfg, bundle, device)
+    if dist.enabled:
+        distributed.check_supported(distiller)  # before anything is written
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
-    hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    env = environment(device)
-    env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
-                   "test": bundle.test.num_samples, "classes": bundle.num_classes}
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    if distiller.teacher is not None:
+    hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None] if main else []
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        env = environment(device)
+        env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
+                       "test": bundle.test.num_samples, "classes": bundle.num_classes}
+        env["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
+        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+    if distiller.teacher is not None and main:  # only rank 0 writes the summary that reports it
         cached = run_dir / "teacher_acc.json"  # measured once per run, not again on every resume
         if cached.exists():
             teacher_acc = json.loads(cached.read_text())
         else:
             teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
             cached.write_text(json.dumps(teacher_acc) + "\n")
-    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks))
+    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks), dist=dist)
     summary = result.summary
-    if distiller.teacher is not None:
+    if distiller.teacher is not None and main:
         summary.update(teacher_acc)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if dist.enabled:
+        dist.barrier()
+        summary = json.loads(summary_path.read_text())  # every process returns rank 0's summary
     return summary
 
 
@@ -201,12 +214,13 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
     return build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), data, role), name
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto") -> dict:
-    """Accuracy of a model checkpoint on the validation and test splits of a dataset."""
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto",
+                        amp: str = "auto") -> dict:
+    """Accuracy of a model checkpoint on the validation and test splits of a dataset (``amp`` as train.amp)."""
     torch_device = resolve_device(device)
     bundle = build_data(data_cfg, torch_device, 0)
     model, name = load_model(checkpoint, bundle.data, model_name)
-    amp_ctx, _ = autocast_context(torch_device, "auto")
+    amp_ctx, _ = autocast_context(torch_device, amp)
     accuracy = model_accuracy(model.to(torch_device), bundle, amp_ctx)
     return {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name,
             **{f"{split}_acc": value for split, value in accuracy.items()}}

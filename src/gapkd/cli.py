@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 
@@ -162,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun with several processes
+        if args.command not in ("train", "distill"):
+            print(f"gapkd {args.command}: error: only `gapkd train` and `gapkd distill` run under torchrun (DDP); "
+                  "run this command without torchrun.", file=sys.stderr)
+            return 2
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr from every rank
     try:
         return COMMANDS[args.command](args)
     except GapkdError as error:

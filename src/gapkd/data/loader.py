@@ -1,9 +1,14 @@
 """Whole-split loaders that keep uint8 images on the training device and augment in
 batch there (random crop with padding, horizontal flip, normalisation): no per-sample
 Python and no worker processes in the hot loop. Every random draw comes from a generator
-seeded by (seed, epoch), so an epoch's batches are reproducible — which makes resume exact."""
+seeded by (seed, epoch), so an epoch's batches are reproducible — which makes resume exact.
+
+Distributed training (DDP) uses :meth:`DeviceLoader.shard`: every process draws the same global
+batches and augmentation and keeps only its slice, so the processes together see exactly the
+batches a single process would."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,6 +23,9 @@ class Batch:
     images: Tensor  # float, normalised, on the device
     labels: Tensor  # int64
     indices: Tensor  # stable sample ids (rows of the source split)
+    # weight of this process's loss so that averaging gradients over processes gives the gradient of
+    # the global batch's mean loss: (samples in this slice) * world_size / (samples in the global batch)
+    weight: float = 1.0
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -30,10 +38,20 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
     """Zero-pad by ``padding`` and take one random crop of the original size per image."""
     if padding <= 0:
         return images
+    return crop(images, padding, *crop_offsets(images.shape[0], padding, generator))
+
+
+def crop_offsets(n: int, padding: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The random (dy, dx) window offsets of :func:`random_crop` for ``n`` images."""
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=generator.device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=generator.device, generator=generator)
+    return dy, dx
+
+
+def crop(images: Tensor, padding: int, dy: Tensor, dx: Tensor) -> Tensor:
+    """The window at offsets (dy, dx) of each zero-padded image."""
     n, _, h, w = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (n, h, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (n, 1, w)
     batch = torch.arange(n, device=images.device)[:, None, None]
@@ -41,8 +59,24 @@ def random_crop(images: Tensor, padding: int, generator: torch.Generator) -> Ten
 
 
 def random_flip(images: Tensor, generator: torch.Generator) -> Tensor:
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return flip_where(images, flip_draws(images.shape[0], generator))
+
+
+def flip_draws(n: int, generator: torch.Generator) -> Tensor:
+    """Which of ``n`` images :func:`random_flip` mirrors."""
+    return torch.rand(n, device=generator.device, generator=generator) < 0.5
+
+
+def flip_where(images: Tensor, flip: Tensor) -> Tensor:
     return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def shard_slice(n: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s part of ``n`` rows split into ``world_size`` contiguous parts whose sizes
+    differ by at most one (as ``torch.tensor_split``)."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
 
 
 class Normalizer:
@@ -59,7 +93,14 @@ class Normalizer:
 
 
 class DeviceLoader:
-    """Iterates one split in batches. ``train=True`` shuffles and augments; evaluation keeps order."""
+    """Iterates one split in batches. ``train=True`` shuffles and augments; evaluation keeps order.
+
+    Sharding interface (what the engine's DDP needs from any loader): attributes ``rank`` and
+    ``world_size`` and ``shard(rank, world_size)``, which returns a copy yielding only that
+    process's slice of every global batch (see :meth:`shard`)."""
+
+    rank: int = 0
+    world_size: int = 1
 
     def __init__(
         self,
@@ -92,19 +133,42 @@ class DeviceLoader:
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        # a sharded training loader drops a last batch too small to give every process a sample
+        keep_rest = rest and not self.drop_last and (rest >= self.world_size or not self.train)
+        return full + (1 if keep_rest else 0)
+
+    def shard(self, rank: int, world_size: int) -> "DeviceLoader":
+        """This loader as process ``rank`` of ``world_size`` sees it (the data stays shared).
+
+        Every process forms the same global batches of ``batch_size`` samples with the same
+        shuffling and augmentation draws, then keeps its contiguous slice (sizes differ by at most
+        one; :func:`shard_slice`). Every process therefore makes the same number of steps, the
+        slices of a step are disjoint and together are exactly the unsharded batch, and
+        ``Batch.weight`` makes the averaged gradient that of the global batch's mean loss.
+        Training loaders drop a last batch with fewer samples than processes; evaluation loaders
+        keep it, so a slice may then be empty."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        view = copy.copy(self)
+        view.rank, view.world_size = int(rank), int(world_size)
+        return view
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         generator = epoch_generator(self.seed, epoch, self.device)
         order = torch.randperm(self.num_samples, device=self.device, generator=generator) if self.train else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            rows = order[start:start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            size = min(self.batch_size, self.num_samples - start)
+            mine = shard_slice(size, self.rank, self.world_size)
+            rows = order[start:start + size][mine] if order is not None else slice(start + mine.start, start + mine.stop)
             images = self.images[rows]
-            if self.train:
-                images = random_crop(images, self.crop_padding, generator)
+            if self.train:  # drawn for the whole global batch, so that each slice gets its own part of them
+                if self.crop_padding > 0:
+                    dy, dx = crop_offsets(size, self.crop_padding, generator)
+                    images = crop(images, self.crop_padding, dy[mine], dx[mine])
                 if self.flip:
-                    images = random_flip(images, generator)
-            yield Batch(self.normalize(images), self.labels[rows], self.indices[rows])
+                    images = flip_where(images, flip_draws(size, generator)[mine])
+            weight = (mine.stop - mine.start) * self.world_size / size if self.world_size > 1 else 1.0
+            yield Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

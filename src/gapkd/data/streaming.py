@@ -8,6 +8,7 @@ order from (seed, epoch), so an epoch's batches do not depend on the number of w
 resume is exact, as with :class:`gapkd.data.loader.DeviceLoader`, whose interface this shares."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from .core import ImageData
-from .loader import Batch, Normalizer, epoch_generator
+from .loader import Batch, Normalizer, epoch_generator, shard_slice
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -280,8 +281,9 @@ class StreamingLoader:
     in-memory split: ``epoch(e)`` yields :class:`Batch` es of normalised float images on the device.
     ``train=True`` shuffles (order from (seed, epoch)) and augments; evaluation keeps file order.
 
-    Data parallel: every rank draws the same permutation and takes its ``rank``-th part of each
-    global batch of ``batch_size`` samples (:meth:`rank_rows`, the one place that shards)."""
+    Data parallel: the sharding interface of DeviceLoader (``rank``, ``world_size``, :meth:`shard`):
+    every rank draws the same permutation and takes its contiguous part of each global batch of
+    ``batch_size`` samples (:func:`gapkd.data.loader.shard_slice`), weighted as DeviceLoader does."""
 
     def __init__(self, split: FileSplit, batch_size: int, normalizer: Normalizer, device: torch.device, *, train: bool,
                  size: int, seed: int = 0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip: bool = True,
@@ -302,30 +304,45 @@ class StreamingLoader:
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        # as DeviceLoader: a sharded training loader drops a last batch too small to give every process a sample
+        keep_rest = rest and not self.drop_last and (rest >= self.world_size or not self.train)
+        return full + (1 if keep_rest else 0)
 
-    def rank_rows(self, rows: Tensor) -> Tensor:
-        """This rank's part of one global batch."""
-        return torch.tensor_split(rows, self.world_size)[self.rank] if self.world_size > 1 else rows
+    def shard(self, rank: int, world_size: int) -> "StreamingLoader":
+        """This loader as process ``rank`` of ``world_size`` sees it (see DeviceLoader.shard)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        view = copy.copy(self)
+        view.rank, view.world_size = int(rank), int(world_size)
+        return view
 
     def batches(self, epoch: int) -> list[Tensor]:
         """The rows of each of this rank's batches in ``epoch``."""
         order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch, torch.device("cpu"))) \
             if self.train else torch.arange(self.num_samples)
-        return [self.rank_rows(order[start:start + self.batch_size]) for start in range(0, len(self) * self.batch_size, self.batch_size)]
+        globals_ = [order[start:start + self.batch_size] for start in range(0, len(self) * self.batch_size, self.batch_size)]
+        return [rows[shard_slice(len(rows), self.rank, self.world_size)] for rows in globals_]
+
+    def weights(self) -> list[float]:
+        """Batch.weight of each batch: slice size x world size / global batch size (1 unsharded)."""
+        sizes = [min(self.batch_size, self.num_samples - start) for start in range(0, len(self) * self.batch_size, self.batch_size)]
+        return [len(range(*shard_slice(n, self.rank, self.world_size).indices(n))) * self.world_size / n
+                if self.world_size > 1 else 1.0 for n in sizes]
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         dataset = ImageFiles(self.split, self.size, train=self.train, seed=self.seed, epoch=epoch, scale=self.scale,
                              ratio=self.ratio, flip=self.flip, crop_fraction=self.crop_fraction)
         pin = self.device.type == "cuda"
+        mine = [(rows, weight) for rows, weight in zip(self.batches(epoch), self.weights()) if len(rows)]  # eval slices may be empty
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=(rows.tolist() for rows in self.batches(epoch)), num_workers=self.workers,
+            dataset, batch_sampler=[rows.tolist() for rows, _ in mine], num_workers=self.workers,
             collate_fn=collate, pin_memory=pin,
         )
         try:
-            for images, labels, indices in loader:
+            for (images, labels, indices), (_, weight) in zip(loader, mine):
                 images = images.to(self.device, non_blocking=pin).permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last strides)
-                yield Batch(self.normalize(images), labels.to(self.device, non_blocking=pin), indices.to(self.device, non_blocking=pin))
+                yield Batch(self.normalize(images), labels.to(self.device, non_blocking=pin), indices.to(self.device, non_blocking=pin),
+                            weight)
         except DataError as error:  # from a worker, it comes back wrapped around the worker's traceback: keep the message
             raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 

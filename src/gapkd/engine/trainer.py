@@ -1,7 +1,7 @@
 """The one training loop, for teachers and students alike. It knows nothing of any
 particular method: it trains what ``Distiller.param_groups()`` returns, sums the named
 losses, evaluates every head the distiller offers, and owns clipping, AMP, schedules,
-checkpoints and exact resume."""
+checkpoints, exact resume and data-parallel training (DDP, see :mod:`.distributed`)."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +15,7 @@ import torch
 
 from ..errors import GapkdError, NonFiniteLossError
 from ..methods.base import Distiller, StepInfo
+from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from .optim import build_optimizer, build_scheduler
 from .runlog import MetricsLog, TextLog, progress_bar
@@ -64,7 +65,8 @@ def autocast_context(device: torch.device, amp: str):
 
 @torch.inference_mode()
 def evaluate(distiller: Distiller, loader, amp_ctx) -> dict[str, float]:
-    """Top-1 accuracy (%) of every head of the distiller on one split."""
+    """Top-1 accuracy (%) of every head of the distiller on one split (on a sharded loader: on the
+    whole split, counted over all processes)."""
     was_training = distiller.training
     distiller.eval()
     correct: dict[str, torch.Tensor] = {}
@@ -77,18 +79,34 @@ def evaluate(distiller: Distiller, loader, amp_ctx) -> dict[str, float]:
             correct[name] = correct[name] + hit if name in correct else hit
         total += batch.labels.numel()
     distiller.train(was_training)
+    if getattr(loader, "world_size", 1) > 1:
+        device = next(distiller.parameters()).device
+        counts = distributed.all_reduce_sum(torch.stack([*correct.values(), torch.tensor(total, device=device)]), distributed.current())
+        correct, total = dict(zip(correct, counts[:-1])), int(counts[-1])
     return {name: 100.0 * float(value) / max(total, 1) for name, value in correct.items()}
 
 
-def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *, echo: bool = True, on_epoch=None) -> FitResult:
+def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *, echo: bool = True, on_epoch=None,
+        dist: distributed.Distributed | None = None) -> FitResult:
     """Train ``distiller`` for cfg.train.epochs, resuming from run_dir/checkpoints/state.pt if present.
-    ``on_epoch(distiller, epoch, record)`` runs after each epoch's evaluation; keys it returns join the record."""
+    ``on_epoch(distiller, epoch, record)`` runs after each epoch's evaluation; keys it returns join the record.
+    Under DDP (``dist``, default: the job this process joined) every process trains its shard; only rank 0
+    writes files and runs ``on_epoch``."""
     run_dir = Path(run_dir)
+    dist = dist or distributed.current()
+    main = dist.is_main
+    echo = echo and main
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(ckpt_dir)  # left by a run killed while writing a checkpoint
-    log = TextLog(run_dir / "train.log", echo=echo)
-    epochs, steps_per_epoch = cfg.train.epochs, len(data.train)
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)  # left by a run killed while writing a checkpoint
+    log = TextLog(run_dir / "train.log", echo=echo) if main else (lambda message: None)
+    model = distributed.wrap(distiller, dist, device)  # what the step calls; checkpoints use distiller itself
+    train_loader, val_loader, test_loader = (
+        loader.shard(dist.rank, dist.world_size) if dist.enabled and loader is not None else loader
+        for loader in (data.train, data.val, data.test)
+    )
+    epochs, steps_per_epoch = cfg.train.epochs, len(train_loader)
     if steps_per_epoch == 0:
         raise GapkdError("the training loader has no batches; lower data.batch_size or keep more samples.")
 
@@ -121,31 +139,36 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         train_seconds, skipped = state["train_seconds"], state.get("skipped_steps", 0)
         log(f"resuming {run_dir.name} after epoch {start_epoch}/{epochs}")
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_epochs=start_epoch,
-                         tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None)
+                         tensorboard_dir=run_dir / "tensorboard" if cfg.train.tensorboard else None) if main else None
+    if dist.enabled:
+        log(f"distributed: {dist.world_size} processes ({dist.backend}), global batch {cfg.data.batch_size}")
+    dist.barrier()  # rank 0 has cleaned the folder before any process goes on
 
     for epoch in range(start_epoch, epochs):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch)  # randomness inside methods, reproducible per epoch
+        # randomness inside methods, reproducible per epoch (and independent across processes)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch + (dist.rank << 40))
         distiller.train()
         started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = done_steps = 0
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", echo)
-        for index, batch in enumerate(data.train.epoch(epoch)):
+        for index, batch in enumerate(train_loader.epoch(epoch)):
             step = epoch * steps_per_epoch + index
             info = StepInfo(epoch, step, epochs, steps_per_epoch, batch.indices)
             with amp_ctx():
-                out = distiller(batch.images, batch.labels, info)
+                out = model(batch.images, batch.labels, info)
             loss = sum(out.losses.values())
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * batch.weight if batch.weight != 1.0 else loss).backward()
             grad_norm = None
             if cfg.train.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
             if check_every_step:
                 bad = _nonfinite_term(out.losses, grad_norm)
-                if bad is not None:
+                if distributed.any_process(bad is not None, dist, device):  # every process takes the same branch
+                    bad = bad or "a loss term on another process"
                     if cfg.train.nonfinite == "stop":
                         raise NonFiniteLossError(_nonfinite_message(bad, epoch, step, state_path))
                     skipped += 1
@@ -158,6 +181,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             scheduler.step()
             for name, value in out.losses.items():
                 value = value.detach().float()
+                if batch.weight != 1.0:  # a slice of an uneven last global batch (DDP)
+                    value = value * batch.weight
                 sums[name] = sums[name] + value if name in sums else value
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += batch.labels.numel()
@@ -168,6 +193,11 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if dist.enabled:  # logged over the global batch: losses averaged, accuracy counted over processes
+            reduced = distributed.all_reduce_sum(torch.stack([*sums.values(), correct, torch.tensor(float(seen), device=device)]), dist)
+            sums = {name: value / dist.world_size for name, value in zip(sums, reduced)}
+            correct, seen = reduced[-2], int(reduced[-1])
+            distributed.sync_buffers(distiller, dist)
         epoch_losses = {name: float(value) / max(done_steps, 1) for name, value in sums.items()}
         if not check_every_step:
             bad = _nonfinite_term({k: torch.tensor(v) for k, v in epoch_losses.items()}, None)
@@ -178,8 +208,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         epoch_seconds = time.perf_counter() - started
         train_seconds += epoch_seconds
 
-        val = evaluate(distiller, data.val, amp_ctx) if data.val is not None else {}
-        test = evaluate(distiller, data.test, amp_ctx)
+        val = evaluate(distiller, val_loader, amp_ctx) if val_loader is not None else {}
+        test = evaluate(distiller, test_loader, amp_ctx)
         val_acc = val.get("student", test["student"] if data.val is None else None)
         record = {
             "epoch": epoch + 1,
@@ -194,13 +224,15 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             "epoch_seconds": epoch_seconds,
             "skipped_steps": skipped,
         }
-        if on_epoch is not None:
+        if on_epoch is not None and main:
             record.update(on_epoch(distiller, epoch, record) or {})  # sees the epoch's accuracies; may add keys
         history.append(record)
-        metrics.write(record)
+        if main:
+            metrics.write(record)
         improved = data.val is not None and val_acc > best["val"]
         if improved:
             best = {"val": val_acc, "epoch": epoch + 1, "test": test["student"]}
+        if improved and main:
             atomic_save(deployable_payload(distiller, cfg, epoch + 1, val_acc), ckpt_dir / "best.pt")
         heads = "  ".join(f"{k} {v:.2f}" for k, v in val.items() if k != "student")
         log(
@@ -208,7 +240,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             f"val {val_acc if val_acc is not None else float('nan'):.2f}  test {test['student']:.2f}"
             + (f"  [{heads}]" if heads else "") + f"  {epoch_seconds:.1f}s"
         )
-        if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs:
+        if main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs):
             atomic_save(
                 {
                     "epoch": epoch + 1, "model": distiller.trainable_state_dict(), "optimizer": optimizer.state_dict(),
@@ -218,12 +250,14 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 state_path,
             )
 
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     last = history[-1] if history else {}
     if data.val is None:  # nothing to select on: report the last epoch and say so
         best = {"val": None, "epoch": epochs, "test": last.get("test_acc")}
-    atomic_save(deployable_payload(distiller, cfg, epochs, last.get("val_acc")), ckpt_dir / "last.pt")
-    if data.val is None:
+    if main:
+        atomic_save(deployable_payload(distiller, cfg, epochs, last.get("val_acc")), ckpt_dir / "last.pt")
+    if main and data.val is None:
         atomic_save(deployable_payload(distiller, cfg, epochs, None), ckpt_dir / "best.pt")
     summary = {
         "run": run_dir.name,
@@ -243,7 +277,9 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         "selection": "best validation epoch" if data.val is not None else "last epoch (no validation split)",
         "config_hash": config_hash,
     }
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.barrier()  # the run's files are complete before any process returns
     return FitResult(summary, history)
 
 

@@ -82,6 +82,8 @@ class Distiller(nn.Module):
 
     Hparams: ClassVar[type] = NoHparams
     needs_teacher: ClassVar[bool] = True
+    #: False for methods with per-sample state (memory banks) that DDP would not keep in step across processes
+    supports_ddp: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, task: TaskInfo | None = None, **hyper: Any):
         super().__init__()

@@ -76,6 +76,7 @@ class CRD(Distiller):
     """CRD: contrastive (NCE) matching of student and teacher embeddings against memory banks of the training set."""
 
     Hparams = CRDHparams
+    supports_ddp = False  # each process would update the memory banks for its own samples only
 
     def __init__(self, student, teacher=None, *, task=None, **hyper: Any):
         super().__init__(student, teacher, task=task, **hyper)
