@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, build_config
+from .config import DataConfig, RunConfig, build_config
 from .data import DataBundle, ImageData, build_data
 from .engine.checkpoint import safe_load
 from .engine.runlog import environment
@@ -161,7 +161,7 @@ def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> 
     return {f"teacher_{split}_acc": value for split, value in model_accuracy(teacher, bundle, amp_ctx).items()}
 
 
-def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
+def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs: Any) -> dict[str, Any]:
     """Train a model with labels only (a teacher, or a from-scratch baseline): `gapkd train`.
 
     Args:
@@ -187,7 +187,7 @@ def train(config: str | os.PathLike | None = None, overrides: list[str] | dict |
     return run(cfg, **kwargs)
 
 
-def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
+def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs: Any) -> dict[str, Any]:
     """Distil a student from a trained teacher with the method the config names (default kd): `gapkd distill`.
 
     Args:
@@ -224,10 +224,10 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
     return build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), data, role), name
 
 
-def data_config(data=None, command: str = "this command"):
+def data_config(data: DataConfig | dict | list[str] | None = None, command: str = "this command") -> DataConfig:
     """A validated :class:`~gapkd.config.DataConfig` from a DataConfig, a dict of data keys
     (``{"name": "digits"}``) or ``data.key=value`` strings (what `gapkd eval` takes)."""
-    from .config import DataConfig, merge, parse_overrides
+    from .config import merge, parse_overrides
 
     if isinstance(data, DataConfig):
         return data
@@ -243,7 +243,7 @@ def data_config(data=None, command: str = "this command"):
         raise ConfigError(f"bad data option: {error}") from None
 
 
-def evaluate(checkpoint: str | os.PathLike, data=None, *, model: str | None = None, device: str = "auto") -> dict:
+def evaluate(checkpoint: str | os.PathLike, data: DataConfig | dict | list[str] | None = None, *, model: str | None = None, device: str = "auto") -> dict:
     """Top-1 accuracy (%) of a model checkpoint on a dataset's validation and test splits (`gapkd eval`).
 
     Args:
