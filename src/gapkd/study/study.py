@@ -17,7 +17,7 @@ class Study:
         import gapkd
 
         study = gapkd.Study.builtin("capacity-cifar10", budget="smoke", directory="studies/smoke")
-        study.run()                      # teachers once, then students; finished runs are skipped
+        study.run()                      # 25 runs on digits, about 4 CPU-minutes; finished runs are skipped
         print(study.status()["done"])    # runs finished so far
         study.report()                   # report.md, report.html and plots under studies/smoke/report
         ```
