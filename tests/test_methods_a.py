@@ -19,6 +19,7 @@ from gapkd.errors import ConfigError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.methods.ce import CrossEntropy
 from gapkd.models import MODELS, create_model
+from gapkd.testing import FixedLogits
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_METHODS = ["dkd", "dist", "ctkd", "logit-kd", "fitnet", "at", "feature-kd"]
@@ -51,22 +52,6 @@ LABELS = np.array([1, 2, 0])
 
 def _step(epoch=0, epochs=10):
     return StepInfo(epoch=epoch, step=epoch, epochs=epochs, steps_per_epoch=1)
-
-
-class FixedLogits(torch.nn.Module):
-    """A 'model' whose logits are given parameters: lets a method's forward run on hand-made logits."""
-
-    def __init__(self, logits, trainable=True):
-        super().__init__()
-        self.logits = torch.nn.Parameter(torch.tensor(logits, dtype=torch.float32), requires_grad=trainable)
-
-    def forward(self, images):
-        return self.logits
-
-    def forward_features(self, images):
-        from gapkd.models import Features
-
-        return Features(stages=[], pooled=self.logits, logits=self.logits)
 
 
 def _logit_method(name, **hyper):

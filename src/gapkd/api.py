@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, build_config
+from .config import DataConfig, RunConfig, build_config
 from .data import DataBundle, ImageData, build_data
 from .engine import distributed
 from .engine.checkpoint import safe_load
 from .engine.runlog import environment, tensorboard_writer_class
-from .engine.trainer import autocast_context, evaluate, fit, resolve_channels_last
+from .engine.trainer import autocast_context, fit, resolve_channels_last
+from .engine.trainer import evaluate as evaluate_heads  # `evaluate` below is the public checkpoint evaluation
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS, Distiller, TaskInfo
 from .models import create_model, extract_state_dict, load_state_dict_strict
@@ -22,6 +23,7 @@ from .models.fold import fold_batchnorm
 
 
 def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -84,6 +86,7 @@ def prepare_distiller(cfg: RunConfig, bundle: DataBundle, device: torch.device) 
 
 
 def run_dir_for(cfg: RunConfig) -> Path:
+    """Where a run writes: ``out_dir/name`` (the name defaults to one derived from the config and its hash)."""
     return Path(cfg.out_dir) / (cfg.name or cfg.default_name())
 
 
@@ -178,9 +181,9 @@ def model_accuracy(model: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[
     from .methods.ce import CrossEntropy
 
     probe = CrossEntropy(model).eval()
-    out = {"test": evaluate(probe, bundle.test, amp_ctx)["student"]}
+    out = {"test": evaluate_heads(probe, bundle.test, amp_ctx)["student"]}
     if bundle.val is not None:
-        out["val"] = evaluate(probe, bundle.val, amp_ctx)["student"]
+        out["val"] = evaluate_heads(probe, bundle.val, amp_ctx)["student"]
     return out
 
 
@@ -188,14 +191,51 @@ def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> 
     return {f"teacher_{split}_acc": value for split, value in model_accuracy(teacher, bundle, amp_ctx).items()}
 
 
-def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
-    """Train a model with labels only (teachers, baselines). ``overrides``: dotted key=value strings or a dict."""
+def train(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Train a model with labels only (a teacher, or a from-scratch baseline): `gapkd train`.
+
+    Args:
+        config: a YAML recipe (keys: data, student, method, optim, schedule, train, seed, name, out_dir).
+        overrides: changes on top of it, as ``key=value`` strings (``["train.epochs=5"]``) or a
+            nested dict (``{"train": {"epochs": 5}}``). The model trained is ``student``.
+        **kwargs: passed to :func:`run`: ``echo`` (per-epoch lines, default True), ``overwrite``
+            (delete an existing run directory of the same name first), ``data`` (an
+            :class:`~gapkd.data.ImageData` to train on instead of ``data.name``).
+
+    Returns:
+        The run's summary.json: ``run`` (the run directory's name), ``best_val_acc``,
+        ``test_acc_at_best_val``, ... The model is in ``<out_dir>/<run>/checkpoints/best.pt`` (best
+        validation epoch) and ``last.pt``.
+
+    Example:
+        ```python
+        summary = gapkd.train(overrides={"student": {"name": "resnet20"}, "data": {"name": "digits"},
+                                         "train": {"epochs": 2}, "name": "teacher"})
+        ```
+    """
     cfg = build_config({"method": {"name": "ce"}}, config, overrides)
     return run(cfg, **kwargs)
 
 
-def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs) -> dict[str, Any]:
-    """Distil a student from a teacher checkpoint with the method the config names (default kd)."""
+def distill(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Distil a student from a trained teacher with the method the config names (default kd): `gapkd distill`.
+
+    Args:
+        config: a YAML recipe; it names ``teacher`` (with its ``checkpoint``), ``student`` and ``method``.
+        overrides: changes on top of it, as ``key=value`` strings or a nested dict; method
+            hyper-parameters sit beside the method's name (``method.temperature=4``).
+        **kwargs: as for :func:`train`.
+
+    Returns:
+        The run's summary.json, with the teacher's accuracy added (``teacher_val_acc``,
+        ``teacher_test_acc``). The deployable student is in ``<out_dir>/<run>/checkpoints/best.pt``.
+
+    Example:
+        ```python
+        gapkd.distill(overrides={"teacher": {"name": "resnet20", "checkpoint": "runs/teacher/checkpoints/best.pt"},
+                                 "student": {"name": "resnet8"}, "method": {"name": "dkd"}, "data": {"name": "digits"}})
+        ```
+    """
     cfg = build_config({"method": {"name": "kd"}}, config, overrides)
     return run(cfg, **kwargs)
 
@@ -212,6 +252,44 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
         raise ConfigError(f"{checkpoint} does not record its architecture; pass {flag} NAME.")
     options = payload.get("options", {}) if ours else {}
     return build_model(ModelConfig(name=name, checkpoint=str(checkpoint), options=options), data, role), name
+
+
+def data_config(data: DataConfig | dict | list[str] | None = None, command: str = "this command") -> DataConfig:
+    """A validated :class:`~gapkd.config.DataConfig` from a DataConfig, a dict of data keys
+    (``{"name": "digits"}``) or ``data.key=value`` strings (what `gapkd eval` takes)."""
+    from .config import merge, parse_overrides
+
+    if isinstance(data, DataConfig):
+        return data
+    if isinstance(data, (list, tuple)):
+        tree = parse_overrides(list(data))
+        unknown = [k for k in tree if k != "data"]
+        if unknown:
+            raise ConfigError(f"{command} takes only data.* overrides, got {unknown}.")
+        data = tree.get("data", {})
+    try:
+        return DataConfig.model_validate(merge({}, data or {}))
+    except Exception as error:  # pydantic's message names the key
+        raise ConfigError(f"bad data option: {error}") from None
+
+
+def evaluate(checkpoint: str | os.PathLike, data: DataConfig | dict | list[str] | None = None, *, model: str | None = None, device: str = "auto",
+             amp: str = "auto") -> dict:
+    """Top-1 accuracy (%) of a model checkpoint on a dataset's validation and test splits (`gapkd eval`).
+
+    Args:
+        checkpoint: a checkpoint from `gapkd train`/`distill` (``RUN_DIR/checkpoints/best.pt``) or a
+            foreign state dict (then name its architecture with ``model``).
+        data: the dataset: a dict of data keys (``{"name": "cifar10-jpg", "path": "..."}``),
+            ``data.key=value`` strings, or a :class:`~gapkd.config.DataConfig`; default digits.
+        model: the architecture, when the checkpoint does not record it.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        amp: ``"auto"`` (bf16 on CUDA and on CPUs with native bf16), ``"off"``, ``"bf16"`` or ``"fp16"``, as train.amp.
+
+    Returns:
+        ``{"model", "checkpoint", "dataset", "val_acc" (when there is a validation split), "test_acc"}``.
+    """
+    return evaluate_checkpoint(checkpoint, data_config(data, "evaluate"), model, device, amp)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto",

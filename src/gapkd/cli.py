@@ -32,6 +32,18 @@ EXAMPLES = {
           gapkd analyze runs/teacher-r56/checkpoints/best.pt runs/kd-r20/checkpoints/best.pt data.name=cifar10-jpg
           gapkd analyze resnet56_cifar100.pth runs/s/checkpoints/best.pt --teacher-model resnet56 data.name=cifar100 --split test --json
     """,
+    "export": """
+        The exported file is written only when its logits on real test images of the run's dataset
+        match PyTorch's (onnxruntime runs the ONNX file; the TorchScript file is loaded back). A
+        sidecar <file>.json records the input shape, the normalisation, the class names and the
+        measured difference. ONNX needs: pip install "gapkd[export]". TorchScript is traced at the
+        run's image size (torch.jit is deprecated upstream in favour of torch.export, but libtorch
+        still loads it).
+
+        examples:
+          gapkd export runs/kd-r20 --format onnx                      # -> runs/kd-r20/export/best.onnx
+          gapkd export runs/simkd-r20 --format torchscript --checkpoint last --out simkd.pt
+    """,
     "aid": """
         AID is our reading of the published abstract of Qian, Le & Harandi, "A Good Teacher Adapts
         Their Knowledge for Distillation" (ICCV 2025); the paper's formulas and code are not public.
@@ -129,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="auto")
     an.add_argument("--json", action="store_true", help="print JSON only (with per-class spreads)")
 
+    ex = add("export", "Export a run's deployable model (ONNX or TorchScript), checked against PyTorch on real inputs.")
+    ex.add_argument("run_dir", help="a run directory (holds config.yaml and checkpoints/)")
+    ex.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    ex.add_argument("--out", help="output file (default: RUN_DIR/export/<checkpoint>.onnx or .torchscript.pt)")
+    ex.add_argument("--checkpoint", default="best", help="best (best validation epoch, default) or last")
+    ex.add_argument("--samples", type=int, default=8, help="test images the check runs on (default 8)")
+    ex.add_argument("--tolerance", type=float, default=1e-3, help="largest max-abs logit difference accepted (default 1e-3)")
+    ex.add_argument("--data-root", help="where the run's dataset is, when not where the run found it")
+    ex.add_argument("--json", action="store_true", help="print JSON only")
+
     _add_common(add("aid", "AID pipeline (our reading of the published abstract): reference student -> adapted teacher -> distillation."))
 
     ls = add("list", "List registered models, methods or datasets (one name per line first).")
@@ -221,16 +243,9 @@ def _eval(args) -> int:
 
 def _data_config(args):
     """The DataConfig of commands that take only data.* overrides."""
-    from .config import DataConfig, merge, parse_overrides
+    from .api import data_config
 
-    tree = parse_overrides(_overrides(args))
-    unknown = [k for k in tree if k != "data"]
-    if unknown:
-        raise GapkdError(f"{args.command} takes only data.* overrides, got {unknown}.")
-    try:
-        return DataConfig.model_validate(merge({}, tree.get("data", {})))
-    except Exception as error:  # pydantic's message names the key
-        raise GapkdError(f"bad data option: {error}") from None
+    return data_config(_overrides(args), args.command)
 
 
 def _analyze(args) -> int:
@@ -246,6 +261,20 @@ def _analyze(args) -> int:
     print(f"teacher {report['teacher']} ({report['teacher_checkpoint']}) vs student {report['student']} "
           f"({report['student_checkpoint']}) on {report['dataset']} {report['split']}, temperature {report['temperature']:g}")
     print(format_report(report))
+    return 0
+
+
+def _export(args) -> int:
+    from .deploy import export
+
+    result = export(args.run_dir, args.format, args.out, checkpoint=args.checkpoint, samples=args.samples,
+                    tolerance=args.tolerance, data_root=args.data_root)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {result['path']} ({result['format']}, {result['model']} from {result['checkpoint']}) and {result['metadata']}")
+        print(f"max abs difference of logits vs PyTorch on {result['samples']} test images: {result['max_abs_diff']:.3g} "
+              f"(tolerance {result['tolerance']:g})")
     return 0
 
 
@@ -300,7 +329,7 @@ def _study(args) -> int:
 
 
 COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
-            "list": _list, "quickstart": _quickstart, "study": _study}
+            "export": _export, "list": _list, "quickstart": _quickstart, "study": _study}
 
 if __name__ == "__main__":
     sys.exit(main())

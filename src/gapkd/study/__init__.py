@@ -4,6 +4,7 @@ from .report import summarize, write_report
 from .runner import StudyRunner, run_study, study_status
 from .spec import PlannedRun, StudySpec, builtin_studies, expand, resolve_study, run_key, shard
 from .store import ResultStore
+from .study import Study
 
-__all__ = ["StudySpec", "PlannedRun", "StudyRunner", "ResultStore", "builtin_studies", "resolve_study", "expand", "run_key",
+__all__ = ["Study", "StudySpec", "PlannedRun", "StudyRunner", "ResultStore", "builtin_studies", "resolve_study", "expand", "run_key",
            "shard", "run_study", "study_status", "summarize", "write_report"]

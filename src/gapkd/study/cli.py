@@ -74,32 +74,28 @@ def add_study_parser(sub) -> None:
 
 
 def study_command(args) -> int:
-    from ..config import parse_overrides
-    from .runner import StudyRunner, study_status
-    from .spec import parse_shard, resolve_study
+    from .spec import parse_shard
+    from .study import Study
 
-    spec = resolve_study(args.study, args.budget)
-    overrides = parse_overrides(args.overrides)
+    study = Study.load(args.study, args.budget, directory=args.dir, overrides=args.overrides)
     if args.study_command == "run":
         k, n = parse_shard(args.shard)
-        runner = StudyRunner(spec, args.dir, overrides=overrides, echo=not args.quiet)
         if args.dry_run:
-            selected = runner.selection(k, n, args.phase)
+            selected = study.plan((k, n), args.phase)
             for run in selected:
-                print(f"{run.index:>5}  {run.role:<7}  {'done' if runner.finished(run) else 'todo':<4}  {run.name}")
-            print(f"{len(selected)} of {len(runner.plan)} runs in shard {k}/{n} ({args.phase}); study directory {runner.study_dir}")
+                print(f"{run.index:>5}  {run.role:<7}  {'done' if study.finished(run) else 'todo':<4}  {run.name}")
+            print(f"{len(selected)} of {len(study.plan())} runs in shard {k}/{n} ({args.phase}); "
+                  f"study directory {study.dir}")
             return 0
-        result = runner.run(k, n, phase=args.phase)
+        result = study.run((k, n), args.phase, echo=not args.quiet)
         print(f"shard {k}/{n} ({args.phase}): {len(result.trained)} trained, {len(result.skipped)} already finished, "
-              f"{len(result.failed)} failed; results in {runner.study_dir}")
+              f"{len(result.failed)} failed; results in {study.dir}")
         return 1 if result.failed else 0
     if args.study_command == "report":
-        from .report import write_report
-
-        paths = write_report(spec, args.dir, overrides=overrides, out_dir=args.out)
+        paths = study.report(args.out)
         print(f"{paths['md']}\n{paths['html']}" + "".join(f"\n{p}" for p in paths["plots"]))
         return 0
-    status = study_status(spec, args.dir, overrides=overrides)
+    status = study.status()
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
