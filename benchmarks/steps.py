@@ -18,7 +18,7 @@ def make_step(cfg, data):
     """One training step (forward, backward, optimiser step) of the run ``cfg`` on one fixed batch,
     and a function that waits for the device."""
     device = resolve_device(cfg.train.device)
-    bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train), data=data)
+    bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last), data=data)
     distiller = prepare_distiller(cfg, bundle, device).train()
     optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)

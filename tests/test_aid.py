@@ -296,7 +296,7 @@ def test_pipeline_end_to_end(digits_teacher):
         assert report[split]["kd"]["after"] == pytest.approx(report[split]["class"]["after"] + report[split]["inner"]["after"], rel=1e-9)
     # "before" is T0, "after" the adapted teacher's best-validation checkpoint
     data_cfg = DataConfig(**digits_teacher[0]["data"])
-    t0 = evaluate_checkpoint(report["teacher_checkpoint"], data_cfg, device="cpu")
+    t0 = evaluate_checkpoint(report["teacher_checkpoint"], data_cfg, device="cpu", amp=digits_teacher[0]["train"].get("amp", "auto"))
     assert report["val"]["teacher_acc"]["before"] == pytest.approx(t0["val_acc"]) and report["test"]["teacher_acc"]["before"] == pytest.approx(t0["test_acc"])
     assert report["val"]["teacher_acc"]["after"] == pytest.approx(summary["stages"]["adapt"]["best_val_acc"])
     assert summary["student_test_acc_at_best_val"] == summary["stages"]["distill"]["test_acc_at_best_val"]

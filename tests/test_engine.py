@@ -31,8 +31,10 @@ def _final_weights(cfg):
     return safe_load(run_dir_for(cfg) / "checkpoints" / "last.pt")["state_dict"]
 
 
-def test_resume_after_interruption_is_bit_identical(tiny_overrides, monkeypatch, tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])  # bf16 (+ channels_last) is what auto picks on CPUs with native bf16
+def test_resume_after_interruption_is_bit_identical(tiny_overrides, monkeypatch, tmp_path, amp):
     tiny_overrides["train"]["epochs"] = 4
+    tiny_overrides["train"]["amp"] = amp
     tiny_overrides["schedule"] = {"name": "step", "milestones": [2], "warmup_epochs": 1}
     straight = build_config(tiny_overrides, overrides=["name=straight"])
     run(straight, echo=False)
@@ -118,3 +120,18 @@ def test_teacher_of_wrong_class_count_is_refused(tiny_overrides, tmp_path):
     bad = build_config(tiny_overrides, overrides=["method.name=kd", "teacher.name=resnet14", f"teacher.checkpoint={tmp_path / 't100.pt'}"])
     with pytest.raises(CheckpointError, match="trained for 100 classes"):
         run(bad, echo=False)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    import gapkd.engine.trainer as trainer
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((True, "bf16"), (False, "off")):
+        monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+        assert trainer.resolve_amp(cpu, "auto") == expected
+        assert trainer.resolve_channels_last(cpu, "auto") is native  # follows autocast by default
+        assert trainer.resolve_amp(cuda, "auto") == "bf16"
+        assert trainer.resolve_amp(cpu, "off") == "off" and trainer.resolve_amp(cpu, "fp16") == "fp16"
+        assert trainer.resolve_channels_last(cpu, "auto", False) is False  # an explicit setting wins
+        context, dtype = trainer.autocast_context(cpu, "auto")
+        assert dtype == (torch.bfloat16 if native else None)

@@ -20,7 +20,8 @@ from gapkd.errors import CheckpointError, ConfigError, GapkdError
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load, used to check TorchScript files
 
 BASE = {"data": {"name": "digits", "batch_size": 64, "augment": {"crop_padding": 1, "flip": False}},
-        "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000}}
+        "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000,
+                  "amp": "off"}}  # exported models compute in fp32: compared with the run's own fp32 accuracy
 
 
 @pytest.fixture(scope="module")

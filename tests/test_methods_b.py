@@ -390,7 +390,7 @@ def test_simkd_end_to_end_checkpoint_evaluates_like_the_in_training_deployable(t
     payload = safe_load(best)
     assert payload["model"] == "resnet8" and payload["deployable"]["method"] == "simkd"
     assert {"projector.layers.0.weight", "teacher_classifier.weight"} <= set(payload["state_dict"])
-    evaluated = evaluate_checkpoint(best, cfg.data, device="cpu")
+    evaluated = evaluate_checkpoint(best, cfg.data, device="cpu", amp=cfg.train.amp)
     assert evaluated["val_acc"] == summary["best_val_acc"]
     assert evaluated["test_acc"] == summary["test_acc_at_best_val"]
     assert summary["best_val_acc"] > 30  # learns through the teacher's classifier (chance is 10)

@@ -152,7 +152,7 @@ def test_eskd_distils_from_the_best_validation_checkpoint_of_the_first_epochs(ti
     assert early["epoch"] == next(r["epoch"] for r in teacher_log if r["val_acc"] == best_early)
     # the saved weights are that epoch's: they score the recorded validation accuracy again
     teacher_cfg = build_config(yaml.safe_load((root / "teacher" / "config.yaml").read_text()))
-    assert evaluate_checkpoint(early["checkpoint"], teacher_cfg.data, device="cpu")["val_acc"] == pytest.approx(best_early)
+    assert evaluate_checkpoint(early["checkpoint"], teacher_cfg.data, device="cpu", amp=teacher_cfg.train.amp)["val_acc"] == pytest.approx(best_early)
     student_cfg = yaml.safe_load((root / "student" / "config.yaml").read_text())
     assert student_cfg["teacher"]["checkpoint"] == early["checkpoint"]
     assert summary["student"]["teacher"] == "resnet14" and "teacher_val_acc" in summary["student"]

@@ -379,5 +379,5 @@ def test_zoo_models_train_and_distil_end_to_end(tiny_overrides):
     summary = run(student_cfg, echo=False)
     # the teacher's trained weights were loaded (not re-initialised): same test accuracy as in its own run
     assert abs(summary["teacher_test_acc"] - teacher["test_acc_at_best_val"]) < 1e-6
-    evaluated = evaluate_checkpoint(run_dir_for(student_cfg) / "checkpoints" / "best.pt", student_cfg.data)
+    evaluated = evaluate_checkpoint(run_dir_for(student_cfg) / "checkpoints" / "best.pt", student_cfg.data, amp=student_cfg.train.amp)
     assert evaluated["model"] == "shufflev1" and abs(evaluated["test_acc"] - summary["test_acc_at_best_val"]) < 1e-6

@@ -77,7 +77,7 @@ def prepare_distiller(cfg: RunConfig, bundle: DataBundle, device: torch.device) 
         data = bundle.data
         fold_batchnorm(distiller.teacher, torch.randn(2, data.in_channels, data.image_size, data.image_size))
     distiller = distiller.to(device)
-    if resolve_channels_last(device, cfg.train):
+    if resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last):
         distiller = distiller.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         backend = "inductor" if cfg.train.compile is True else cfg.train.compile
@@ -117,7 +117,7 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
-    bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train), data=data)
+    bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last), data=data)
     distiller = prepare_distiller(cfg, bundle, device)
     if dist.enabled:
         distributed.check_supported(distiller)  # before anything is written
@@ -136,7 +136,7 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         if cached.exists():
             teacher_acc = json.loads(cached.read_text())
         else:
-            teacher_acc = _teacher_accuracy(distiller.teacher, bundle, amp_ctx)
+            teacher_acc = _teacher_accuracy(cfg, bundle, device, amp_ctx)
             cached.write_text(json.dumps(teacher_acc) + "\n")
     result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks), dist=dist)
     summary = result.summary
@@ -187,7 +187,12 @@ def model_accuracy(model: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[
     return out
 
 
-def _teacher_accuracy(teacher: torch.nn.Module, bundle: DataBundle, amp_ctx) -> dict[str, float]:
+def _teacher_accuracy(cfg: RunConfig, bundle: DataBundle, device: torch.device, amp_ctx) -> dict[str, float]:
+    """The teacher's accuracy as it was trained: built afresh from its checkpoint (the distiller's copy
+    may have its BatchNorm folded, which can move a bf16 prediction or two)."""
+    teacher = build_model(cfg.teacher, bundle.data, "teacher").to(device).eval()
+    if resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last):
+        teacher = teacher.to(memory_format=torch.channels_last)
     return {f"teacher_{split}_acc": value for split, value in model_accuracy(teacher, bundle, amp_ctx).items()}
 
 
@@ -294,12 +299,15 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig | dict | list[str] 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto",
                         amp: str = "auto") -> dict:
-    """Accuracy of a model checkpoint on the validation and test splits of a dataset (``amp`` as train.amp)."""
+    """Accuracy of a model checkpoint on the validation and test splits of a dataset. ``amp`` as train.amp,
+    with the memory format a run with that setting uses, so a run's own checkpoint scores what it logged."""
     torch_device = resolve_device(device)
-    bundle = build_data(data_cfg, torch_device, 0)
+    channels_last = resolve_channels_last(torch_device, amp)
+    bundle = build_data(data_cfg, torch_device, 0, channels_last)
     model, name = load_model(checkpoint, bundle.data, model_name)
+    model = model.to(torch_device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     amp_ctx, _ = autocast_context(torch_device, amp)
-    accuracy = model_accuracy(model.to(torch_device), bundle, amp_ctx)
+    accuracy = model_accuracy(model, bundle, amp_ctx)
     return {"model": name, "checkpoint": str(checkpoint), "dataset": data_cfg.name,
             **{f"{split}_acc": value for split, value in accuracy.items()}}
 

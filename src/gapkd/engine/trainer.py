@@ -47,11 +47,11 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "off"
 
 
-def resolve_channels_last(device: torch.device, train_cfg) -> bool:
+def resolve_channels_last(device: torch.device, amp: str, channels_last: bool | None = None) -> bool:
     """``train.channels_last`` as it will run: by default on wherever autocast runs (CUDA, native-bf16 CPUs)."""
-    if train_cfg.channels_last is not None:
-        return train_cfg.channels_last
-    return resolve_amp(device, train_cfg.amp) != "off"
+    if channels_last is not None:
+        return channels_last
+    return resolve_amp(device, amp) != "off"
 
 
 def autocast_context(device: torch.device, amp: str):
