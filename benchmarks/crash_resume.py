@@ -8,7 +8,7 @@ Targets:
   study  a study grid run by TWO concurrent workers on one SQLite database, both killed at random:
          afterwards every run is in the database exactly once and matches its run directory
 
-    python benchmarks/crash_resume.py --target train --kills 20 --epochs 30
+    python benchmarks/crash_resume.py --target train --kills 20 --write-kills 6 --epochs 30
     python benchmarks/crash_resume.py --target takd --kills 10
     python benchmarks/crash_resume.py --target study --kills 10
 
@@ -62,13 +62,18 @@ def _equal(a: dict[str, dict], b: dict[str, dict]) -> bool:
     return a.keys() == b.keys() and all(x.keys() == b[k].keys() and all(torch.equal(x[n], b[k][n]) for n in x) for k, x in a.items())
 
 
-def _check_checkpoints(folder: Path, stats: dict) -> None:
+def _temporaries(folder: Path) -> set[Path]:
+    """Checkpoint temporaries: they exist only while atomic_save writes (or after a kill during it)."""
+    return set(folder.rglob("checkpoints/.*.tmp"))
+
+
+def _check_checkpoints(folder: Path, stats: dict, before: set[Path]) -> None:
     from gapkd.engine.checkpoint import safe_load
 
     for state in folder.rglob("checkpoints/state.pt"):
         safe_load(state)  # raises if torn
         stats["checkpoint_loads"] += 1
-    if any(folder.rglob("checkpoints/.*.tmp")):
+    if _temporaries(folder) - before:  # a new one: this kill landed inside a checkpoint write
         stats["killed_during_checkpoint_write"] += 1
 
 
@@ -96,26 +101,61 @@ def commands(target: str, workdir: Path, name: str) -> tuple[list[list[str]], Pa
     return [worker, worker], study_dir
 
 
-def crash_resume(target: str, kills: int, seed: int, workdir: Path, epochs: int | None = None) -> dict:
-    """Kill ``kills`` times, each after a random time in a window sized so the kills spread over the
-    whole job (startup included), then finish and compare. ``epochs`` lengthens the train target."""
+def _kill_when_writing(processes: list[subprocess.Popen], folder: Path, timeout: float) -> bool:
+    """Watch ``folder`` for a checkpoint temporary (``checkpoints/.NAME.*.tmp``, which exists only while
+    atomic_save writes) and SIGKILL the job the moment one appears; False if none appeared in time."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline and any(p.poll() is None for p in processes):
+        if any(folder.rglob("checkpoints/.*.tmp")):
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGKILL)
+            return True
+        time.sleep(0.0002)
+    return False
+
+
+def crash_resume(target: str, kills: int, seed: int, workdir: Path, epochs: int | None = None, write_kills: int = 0) -> dict:
+    """Kill ``kills`` times, each after a random time from half the uninterrupted job's time to its
+    first state.pt up to a share of its training time after that (so kills land in start-up and
+    all through training), then finish and compare. ``write_kills`` of the kills (spread
+    among them at random) are instead sent the moment a checkpoint write is seen under way; those that
+    land before the rename are counted in killed_during_checkpoint_write. ``epochs`` sets every run's epochs."""
     if epochs is not None:
-        global TRAIN
+        global TRAIN, TAKD
         TRAIN = [a for a in TRAIN if not a.startswith("train.epochs=")] + [f"train.epochs={epochs}"]
+        TAKD = [a for a in TAKD if not a.startswith("train.epochs=")] + [f"train.epochs={epochs}"]
+        for stage in ("teacher_config", "student_config"):
+            STUDY[stage] = {"train": {"epochs": epochs}}
     rng = random.Random(seed)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
     straight_cmds, straight_dir = commands(target, workdir, "straight")
-    started = time.perf_counter()
+    started, first_checkpoint = time.perf_counter(), None
     for command in straight_cmds[:1]:
-        subprocess.run(command, check=True, **quiet)
+        process = subprocess.Popen(command, **quiet)
+        while process.poll() is None:  # when the first state.pt appears: start-up plus one epoch
+            if first_checkpoint is None and any(straight_dir.rglob("checkpoints/state.pt")):
+                first_checkpoint = time.perf_counter() - started
+            time.sleep(0.01)
+        if process.returncode:
+            raise SystemExit(f"the uninterrupted job failed ({' '.join(command)})")
     duration = time.perf_counter() - started
+    first_checkpoint = first_checkpoint or duration
     stats = {"target": target, "kills": 0, "killed_during_checkpoint_write": 0, "checkpoint_loads": 0, "finished_before_kill": 0}
     killed_cmds, killed_dir = commands(target, workdir, "killed")
-    for _ in range(kills):
+    at_write = set(rng.sample(range(kills), min(write_kills, kills)))
+    stats["kills_aimed_at_writes"] = 0
+    for attempt in range(kills):
+        before = _temporaries(killed_dir)  # left by an earlier kill, until the next run clears them
         processes = [subprocess.Popen(command, **quiet) for command in killed_cmds]
-        time.sleep(rng.uniform(1.0, 4.0 + 1.5 * duration / kills))
-        if all(p.poll() is not None for p in processes):
+        if attempt in at_write:
+            time.sleep(rng.uniform(0.0, 2.0))  # then the next checkpoint write, whichever it is
+            stats["kills_aimed_at_writes"] += _kill_when_writing(processes, killed_dir, timeout=4.0 * duration + 30)
+        else:
+            # from mid start-up to a share of the training after it: kills land in start-up and in training
+            time.sleep(rng.uniform(0.5 * first_checkpoint, first_checkpoint + 1.5 * (duration - first_checkpoint) / kills))
+        if all(p.poll() is not None for p in processes) and attempt not in at_write:
             stats["finished_before_kill"] += 1
             break
         for process in processes:
@@ -123,7 +163,7 @@ def crash_resume(target: str, kills: int, seed: int, workdir: Path, epochs: int 
                 process.send_signal(signal.SIGKILL)
             process.wait()
         stats["kills"] += 1
-        _check_checkpoints(killed_dir, stats)
+        _check_checkpoints(killed_dir, stats, before)
     for command in killed_cmds[:1]:
         subprocess.run(command, check=True, **quiet)
     stats["bit_identical"] = _equal(_state_dicts(straight_dir), _state_dicts(killed_dir))
@@ -132,6 +172,7 @@ def crash_resume(target: str, kills: int, seed: int, workdir: Path, epochs: int 
     if target == "study":
         stats.update(_study_rows(straight_dir, killed_dir))
     stats["uninterrupted_seconds"] = round(duration, 1)
+    stats["uninterrupted_first_checkpoint_seconds"] = round(first_checkpoint, 1)
     return stats
 
 
@@ -152,11 +193,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--epochs", type=int, default=None, help="train target: epochs of the run (default 8)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of each run (defaults: train 8, takd 4, study 2)")
+    parser.add_argument("--write-kills", type=int, default=0, help="how many of the kills are sent during a checkpoint write")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gapkd-crash-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(crash_resume(args.target, args.kills, args.seed, workdir, args.epochs), indent=2))
+    print(json.dumps(crash_resume(args.target, args.kills, args.seed, workdir, args.epochs, args.write_kills), indent=2))
 
 
 if __name__ == "__main__":

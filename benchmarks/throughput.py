@@ -1,6 +1,7 @@
 """Training throughput (images/s) of KD methods, three ways in one process:
 
-  (a) gapkd's real training loop (gapkd.api.run -> engine.fit; train time only, no eval),
+  (a) gapkd's real training loop (gapkd.api.run -> engine.fit; train time only, no eval) in the
+      steady state: epoch 2 of a 2-epoch run (epoch 1, with its one-off costs, is reported too),
   (b) a conventional loop as the public KD codebases write it: a DataLoader over the dataset
       with per-sample PIL/numpy transforms (random crop with padding, flip, to-tensor,
       normalise), NCHW fp32, teacher under no_grad, `.item()` of the loss every step,
@@ -80,16 +81,19 @@ def make_config(workdir: Path, teacher: str, student: str, method: str, batch: i
         "out_dir": str(workdir), "name": f"{method}-{teacher}-{student}",
         "data": {"name": "digits", "val_fraction": 0.0, "batch_size": batch, "drop_last": True},
         "student": {"name": student}, "teacher": {"name": teacher, "checkpoint": str(teacher_path)},
-        "method": {"name": method}, "train": {"epochs": 1, "device": device}, "schedule": {"name": "constant"},
+        "method": {"name": method}, "train": {"epochs": 2, "device": device}, "schedule": {"name": "constant"},
         # a small lr: the random-weight teachers here make DFPT's prompt path diverge at recipe rates, and
         # the learning rate does not change the work done per step
         "optim": {"lr": 0.001},
     }, overrides=extra)
 
 
-def gapkd_loop(cfg, data: ImageData) -> float:
+def gapkd_loop(cfg, data: ImageData) -> tuple[float, float]:
+    """Seconds of training in (epoch 1, epoch 2) of a 2-epoch run: epoch 1 pays the one-off costs
+    (kernel selection, torch.compile); epoch 2 is the steady state a long recipe runs at."""
     run(cfg, echo=False, data=data)
-    return read_metrics(run_dir_for(cfg) / "metrics.jsonl")[0]["epoch_seconds"]
+    first, second = read_metrics(run_dir_for(cfg) / "metrics.jsonl")
+    return first["epoch_seconds"], second["epoch_seconds"]
 
 
 class _PerSampleDataset(torch.utils.data.Dataset):
@@ -170,10 +174,13 @@ def main() -> None:
             configs = {m: make_config(Path(tmp), teacher, student, m, args.batch, args.device, args.overrides, data) for m in args.methods}
             bound = time_steps(configs, data, args.steps, rounds=args.rounds)  # (c), interleaved across methods
             for method, cfg in configs.items():
-                a = gapkd_loop(cfg, data) / (len(data.train) // args.batch * args.batch)
+                first, steady = gapkd_loop(cfg, data)
+                images = len(data.train) // args.batch * args.batch
+                a = steady / images
                 c = bound[method] / args.batch
                 b = conventional_loop(cfg, data, device, args.workers) if method == "kd" else None
-                rows.append({"pair": pair, "method": method, "gapkd_img_s": 1 / a, "compute_bound_img_s": 1 / c,
+                rows.append({"pair": pair, "method": method, "gapkd_img_s": 1 / a, "gapkd_first_epoch_img_s": images / first,
+                             "compute_bound_img_s": 1 / c,
                              "conventional_img_s": (1 / b) if b else None, "a_over_c": c / a, "a_over_b": (b / a) if b else None})
                 print(json.dumps(rows[-1]), flush=True)
     for pair in args.pairs:
@@ -182,12 +189,12 @@ def main() -> None:
             if r["pair"] == pair and kd:
                 r["step_time_vs_kd"] = kd["gapkd_img_s"] / r["gapkd_img_s"]
     print(f"\ndata: {data.name}, {len(data.train)} images, batch {args.batch}, device {args.device}, threads {torch.get_num_threads()}")
-    print("| pair | method | (a) gapkd img/s | (b) conventional img/s | (c) compute bound img/s | (a)/(b) | (a)/(c) | step time vs KD |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pair | method | (a) gapkd img/s | (a) epoch 1 img/s | (b) conventional img/s | (c) compute bound img/s | (a)/(b) | (a)/(c) | step time vs KD |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         b = f"{r['conventional_img_s']:.0f}" if r["conventional_img_s"] else "–"
         ab = f"{r['a_over_b']:.2f}" if r["a_over_b"] else "–"
-        print(f"| {r['pair']} | {r['method']} | {r['gapkd_img_s']:.0f} | {b} | {r['compute_bound_img_s']:.0f} | {ab} | {r['a_over_c']:.2f} | {r.get('step_time_vs_kd', float('nan')):.2f} |")
+        print(f"| {r['pair']} | {r['method']} | {r['gapkd_img_s']:.0f} | {r['gapkd_first_epoch_img_s']:.0f} | {b} | {r['compute_bound_img_s']:.0f} | {ab} | {r['a_over_c']:.2f} | {r.get('step_time_vs_kd', float('nan')):.2f} |")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
