@@ -221,6 +221,8 @@ def test_report_tables_match_a_hand_computation_from_the_database(finished_smoke
     assert "<table>" in page and "resnet14→resnet8" in page and 'src="curves_' in page
     other = write_report(spec, study_dir, overrides={"optim": {"lr": 0.1}}, out_dir=study_dir / "other")["md"].read_text()
     assert "Runs finished: 0 of 7" in other and "7 finished run(s) of tiny that are not in this grid" in other
+    assert "Overrides applied to every run" in other and "optim.lr=0.1." in other  # a report says what it changed
+    assert "Overrides applied" not in markdown
 
 
 # ------------------------------------------------------------------ statistics and selection

@@ -144,6 +144,17 @@ def _validation_rank(group: Group) -> tuple[float, int]:
 
 
 # ------------------------------------------------------------------ writing
+def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """{"data": {"name": "x"}} -> [("data.name", "x")]."""
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items += _dotted(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
 def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overrides: Optional[dict] = None,
                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Collect the study's results and write report.md, report.html and the plots; returns their paths."""
@@ -212,6 +223,10 @@ def _blocks(spec: StudySpec, runner: StudyRunner, summary: Summary, rows: list[d
     ]
     if spec.description:
         blocks.append(("p", spec.description.strip()))
+    if runner.overrides:
+        blocks.append(("p", "Overrides applied to every run (they replace the study's own values, so the dataset "
+                            "column names the study's dataset, not an override's): "
+                            + ", ".join(f"{key}={value}" for key, value in _dotted(runner.overrides)) + "."))
     blocks += [
         ("p", f"Runs finished: {len(done)} of {len(runner.plan)} (teachers {counts['teacher'][0]}/{counts['teacher'][1]}, "
               f"students {counts['student'][0]}/{counts['student'][1]}). Code version(s): {', '.join(versions) or 'n/a'}. "

@@ -105,6 +105,7 @@ class StudyRunner:
     def __init__(self, spec: StudySpec, study_dir: str | Path | None = None, *, overrides: Optional[dict] = None,
                  echo: bool = True, log: Callable[[str], None] = print):
         self.spec = spec
+        self.overrides = dict(overrides or {})  # applied to every run (reports state them)
         self.plan = expand(spec, overrides)
         self.by_key = {run.key: run for run in self.plan}
         self.study_dir = Path(study_dir or default_study_dir(spec)).expanduser().resolve()
