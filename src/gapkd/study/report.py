@@ -337,7 +337,10 @@ def _plot_ladders(summary: Summary, spec: StudySpec, out: Path) -> list[tuple[st
                 if stat.n >= 2:
                     axis.axhspan(stat.mean - stat.std, stat.mean + stat.std, color="black", alpha=0.08)
             if metric == "params":
+                from matplotlib.ticker import NullFormatter
+
                 axis.set_xscale("log")
+                axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow log range overlap
             axis.set_xlabel(label)
             axis.grid(alpha=0.3)
         axes[0].set_ylabel(f"{student} test accuracy @ best val (%)")
