@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    from gapkd.methods import METHODS as REGISTRY
+
+    unknown = [m for m in args.methods if m not in PIPELINES and m not in REGISTRY]
+    if unknown:  # e.g. overrides written after --methods, which takes every word after it
+        parser.error(f"unknown method(s) {unknown}: put key=value overrides before --methods")
     if args.smoke and not args.teacher_checkpoint:
         tree = base_tree(args)
         teacher = build_config({**{k: v for k, v in tree.items() if k != "teacher"}, "name": "smoke_teacher",

@@ -6,7 +6,7 @@ import torch
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
 from gapkd.engine.checkpoint import safe_load
-from gapkd.errors import NonFiniteLossError
+from gapkd.errors import ConfigError, NonFiniteLossError
 from gapkd.methods import METHODS
 from gapkd.methods.ce import CrossEntropy
 
@@ -135,3 +135,13 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
         assert trainer.resolve_channels_last(cpu, "auto", False) is False  # an explicit setting wins
         context, dtype = trainer.autocast_context(cpu, "auto")
         assert dtype == (torch.bfloat16 if native else None)
+
+
+def test_amp_off_survives_yaml():
+    """`off` is a YAML boolean: `train.amp=off` on the command line and `amp: off` in a recipe both mean fp32."""
+    from gapkd.config import build_config as build
+
+    assert build({"student": {"name": "resnet8"}}, overrides=["train.amp=off"]).train.amp == "off"
+    assert build({"student": {"name": "resnet8"}, "train": {"amp": False}}).train.amp == "off"
+    with pytest.raises(ConfigError, match="amp"):
+        build({"student": {"name": "resnet8"}}, overrides=["train.amp=on"])

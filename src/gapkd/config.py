@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, suggest
 
@@ -118,6 +118,12 @@ class TrainConfig(_Strict):
         "compiling takes about a minute on CPU, so it pays off on long runs only")
     fold_teacher_bn: bool = Field(
         True, description="fold the frozen teacher's BatchNorm into its convolutions (same outputs up to rounding, faster)")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads a bare `off` (train.amp=off, `amp: off`) as false: that is the documented 'off'."""
+        return "off" if value is False else value
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU holds without it)")
     log_every: int = Field(50, ge=1, description="steps between progress updates")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss: stop, or skip the step and count it")
