@@ -406,7 +406,7 @@ RECIPES = sorted((REPO / "configs").glob("*/*/dfpt-kd*.yaml"))
 
 def test_recipes_exist_for_the_named_pairs():
     pairs = {(p.parent.parent.name, p.parent.name, p.name) for p in RECIPES}
-    wanted = [("cifar100", "wrn_40_2-ShuffleV1"), ("cifar100", "resnet32x4-resnet8x4")]
+    wanted = [("cifar100", "wrn_40_2-shufflev1"), ("cifar100", "resnet32x4-resnet8x4")]
     wanted += [("cifar10", f"{t}-resnet8x4") for t in ("resnet20", "resnet32", "resnet56", "resnet110", "resnet32x4", "wrn_40_2")]
     for dataset, pair in wanted:
         for name in ("dfpt-kd.yaml", "dfpt-kd+.yaml"):
