@@ -130,7 +130,8 @@ def conventional_loop(cfg, data: ImageData, device: torch.device, workers: int) 
     teacher = create_model(cfg.teacher.name, num_classes=data.num_classes).to(device).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = torch.utils.data.DataLoader(_PerSampleDataset(data.train, data.mean, data.std), batch_size=cfg.data.batch_size,
-                                         shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False)
+                                         shuffle=True, num_workers=workers, drop_last=True, persistent_workers=False,
+                                         pin_memory=device.type == "cuda")
     seen = 0
     started = time.perf_counter()
     for images, labels in loader:
@@ -174,14 +175,18 @@ def main() -> None:
             configs = {m: make_config(Path(tmp), teacher, student, m, args.batch, args.device, args.overrides, data) for m in args.methods}
             bound = time_steps(configs, data, args.steps, rounds=args.rounds)  # (c), interleaved across methods
             for method, cfg in configs.items():
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 first, steady = gapkd_loop(cfg, data)
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
                 images = len(data.train) // args.batch * args.batch
                 a = steady / images
                 c = bound[method] / args.batch
                 b = conventional_loop(cfg, data, device, args.workers) if method == "kd" else None
                 rows.append({"pair": pair, "method": method, "gapkd_img_s": 1 / a, "gapkd_first_epoch_img_s": images / first,
                              "compute_bound_img_s": 1 / c,
-                             "conventional_img_s": (1 / b) if b else None, "a_over_c": c / a, "a_over_b": (b / a) if b else None})
+                             "conventional_img_s": (1 / b) if b else None, "a_over_c": c / a, "a_over_b": (b / a) if b else None,
+                             "gapkd_peak_cuda_mib": peak})
                 print(json.dumps(rows[-1]), flush=True)
     for pair in args.pairs:
         kd = next((r for r in rows if r["pair"] == pair and r["method"] == "kd"), None)
@@ -196,6 +201,8 @@ def main() -> None:
         ab = f"{r['a_over_b']:.2f}" if r["a_over_b"] else "–"
         print(f"| {r['pair']} | {r['method']} | {r['gapkd_img_s']:.0f} | {r['gapkd_first_epoch_img_s']:.0f} | {b} | {r['compute_bound_img_s']:.0f} | {ab} | {r['a_over_c']:.2f} | {r.get('step_time_vs_kd', float('nan')):.2f} |")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if device.type == "cuda":
+        print("peak CUDA memory of (a), MiB: " + ", ".join(f"{r['pair']} {r['method']} {r['gapkd_peak_cuda_mib']:.0f}" for r in rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -81,7 +81,8 @@ def prepare_distiller(cfg: RunConfig, bundle: DataBundle, device: torch.device) 
         distiller = distiller.to(memory_format=torch.channels_last)
     if cfg.train.compile:
         backend = "inductor" if cfg.train.compile is True else cfg.train.compile
-        distiller.compile(backend=backend)  # the training step's forward: teacher, student and losses in one graph
+        mode = None if cfg.train.compile_mode == "default" else cfg.train.compile_mode
+        distiller.compile(backend=backend, mode=mode)  # the training step's forward: teacher, student and losses in one graph
     return distiller
 
 

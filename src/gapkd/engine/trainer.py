@@ -117,6 +117,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
     amp_ctx, amp_dtype = autocast_context(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     check_every_step = device.type == "cpu" or cfg.train.nonfinite == "skip"
+    # CUDA graphs (compile modes reduce-overhead / max-autotune) reuse their output memory at every replay
+    cuda_graphs = bool(cfg.train.compile) and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
     config_hash = cfg.hparams_hash()
 
     start_epoch, best, history, train_seconds, skipped = 0, {"val": -1.0, "epoch": 0, "test": None}, [], 0.0, 0
@@ -156,6 +158,8 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         for index, batch in enumerate(train_loader.epoch(epoch)):
             step = epoch * steps_per_epoch + index
             info = StepInfo(epoch, step, epochs, steps_per_epoch, batch.indices)
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with amp_ctx():
                 out = model(batch.images, batch.labels, info)
             loss = sum(out.losses.values())
@@ -183,7 +187,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 value = value.detach().float()
                 if batch.weight != 1.0:  # a slice of an uneven last global batch (DDP)
                     value = value * batch.weight
-                sums[name] = sums[name] + value if name in sums else value
+                sums[name] = sums.get(name, 0.0) + value  # a new tensor: the step's own outputs may be reused (CUDA graphs)
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += batch.labels.numel()
             done_steps += 1
