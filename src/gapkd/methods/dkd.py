@@ -16,17 +16,21 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
     TCKD compares the binary distributions (target class, all other classes); NCKD compares the
     distributions over the non-target classes alone, renormalised. Computed in log space."""
+    n, c = student_logits.shape
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    target = F.one_hot(labels, log_p_s.shape[1]).bool()
+    target = F.one_hot(labels, c).bool()
+    # the c-1 other classes of each row, in order: gathered (fixed shapes) rather than boolean-indexed,
+    # so torch.compile keeps the step in one graph
+    others = torch.arange(c - 1, device=labels.device).expand(n, -1)
+    others = others + (others >= labels[:, None])
 
     def binary(log_p: Tensor) -> Tensor:
-        return torch.stack([log_p[target], torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=1)], dim=1)
+        return torch.stack([log_p.gather(1, labels[:, None]).squeeze(1), torch.logsumexp(log_p.masked_fill(target, float("-inf")), dim=1)], dim=1)
 
     tckd = F.kl_div(binary(log_p_s), binary(log_p_t), reduction="batchmean", log_target=True)
-    n, c = student_logits.shape
-    others_s = (student_logits.float() / temperature)[~target].view(n, c - 1)
-    others_t = (teacher_logits.float() / temperature)[~target].view(n, c - 1)
+    others_s = (student_logits.float() / temperature).gather(1, others)
+    others_t = (teacher_logits.float() / temperature).gather(1, others)
     nckd = F.kl_div(F.log_softmax(others_s, dim=1), F.log_softmax(others_t, dim=1), reduction="batchmean", log_target=True)
     return tckd * temperature**2, nckd * temperature**2
 
