@@ -64,6 +64,7 @@ EXAMPLES = {
         examples:
           gapkd list models
           gapkd list methods --verbose
+          gapkd list methods --plugin ./my_method.py     # with the methods a module of your own registers
     """,
     "pipeline": """
         examples:
@@ -77,6 +78,15 @@ EXAMPLES = {
           gapkd quickstart --dataset fashion-mnist --epochs 3
     """,
 }
+
+
+def plugin_option(dest: str = "plugins") -> argparse.ArgumentParser:
+    """A parent parser with ``--plugin MODULE`` (repeatable): every command takes it, before or after its name."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--plugin", action="append", default=[], dest=dest, metavar="MODULE",
+                        help="import a module (mypkg.kd) or .py file (./my_method.py) that registers methods, models or "
+                             "datasets; repeatable; added to the config's `plugins` (docs/add-a-method.md)")
+    return parent
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -105,13 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation across the teacher-student capacity gap.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `gapkd COMMAND --help` for each command's options and examples.",
+        parents=[plugin_option("global_plugins")],  # its own dest: a subcommand's --plugin list would replace it
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, epilog=textwrap.dedent(EXAMPLES.get(name, "")),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
 
     _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
     _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
@@ -192,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if int(os.environ.get("RANK", "0")) > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr from every rank
+    from .plugins import command_line_plugins
+
     try:
-        return COMMANDS[args.command](args)
+        with command_line_plugins([*args.global_plugins, *getattr(args, "plugins", [])]):
+            return COMMANDS[args.command](args)
     except GapkdError as error:
         print(f"gapkd {args.command}: error: {error}", file=sys.stderr)
         return 2

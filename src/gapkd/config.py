@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, suggest
+from .plugins import import_plugins, plugin_list, with_command_line_plugins
 
 
 class _Strict(BaseModel):
@@ -153,6 +154,10 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: Optional[str] = Field(None, description="run directory name; default derived from the config")
     out_dir: str = Field("runs", description="parent of run directories")
+    plugins: list[str] = Field(
+        default_factory=list, description="Python modules (mypkg.kd) or .py files (./my_method.py) that register "
+        "methods, models or datasets; imported before the rest of the config is validated (docs/add-a-method.md)",
+    )
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     student: ModelConfig
@@ -161,6 +166,15 @@ class RunConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        """Plugins first: the method's hyper-parameters are validated against what they register."""
+        if isinstance(data, dict) and "plugins" in data:
+            data = {**data, "plugins": plugin_list(data["plugins"])}
+            import_plugins(data["plugins"])
+        return data
 
     @model_validator(mode="after")
     def _check_method(self) -> "RunConfig":
@@ -182,7 +196,9 @@ class RunConfig(_Strict):
         for key in ("log_every", "diagnostics", "tensorboard"):  # what is logged does not change the result
             payload["train"].pop(key, None)
         payload["data"].pop("workers", None)  # streamed batches are the same for any number of workers
-        # streaming-only keys, added later: hashed only when set, so earlier runs keep their hashes (and resume)
+        # keys added later: hashed only when set, so earlier runs keep their hashes (and resume)
+        if not payload["plugins"]:
+            del payload["plugins"]
         if payload["data"]["image_size"] is None:
             del payload["data"]["image_size"]
         if payload["train"]["fold_teacher_bn"]:
@@ -300,12 +316,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(
     base: dict[str, Any] | None = None, path: str | Path | None = None, overrides: list[str] | dict | None = None
 ) -> RunConfig:
-    """defaults <- ``base`` <- YAML file <- overrides, validated into a RunConfig."""
+    """defaults <- ``base`` <- YAML file <- overrides, validated into a RunConfig. The ``plugins``
+    it lists (and those given with ``gapkd --plugin``) are imported before anything else is validated."""
     tree = copy.deepcopy(base or {})
     if path is not None:
         tree = merge(tree, read_yaml(path))
     if overrides:
         tree = merge(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    plugins = with_command_line_plugins(plugin_list(tree.get("plugins")))
+    if plugins:
+        tree["plugins"] = plugins
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as error:

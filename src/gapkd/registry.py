@@ -1,10 +1,13 @@
 """One small generic registry: name -> factory, with case-insensitive aliases and
-"did you mean" errors. Models, methods and datasets each own one instance."""
+"did you mean" errors. Models, methods, datasets and pipelines each own one instance. A name
+that is not there, and listing a registry, first import installed plugins
+(:func:`gapkd.plugins.load_entry_points`), once per process."""
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
 from .errors import ConfigError, suggest
+from .plugins import load_entry_points
 
 T = TypeVar("T")
 
@@ -38,6 +41,8 @@ class Registry(Generic[T]):
         """The registered name for ``name`` (case-insensitive, aliases allowed)."""
         key = str(name).lower()
         if key not in self._aliases:
+            load_entry_points()
+        if key not in self._aliases:
             raise ConfigError(
                 f"Unknown {self.kind} {name!r}.{suggest(name, self._entries)} "
                 f"Run `gapkd list {self.kind}s` to see all {len(self._entries)} of them."
@@ -48,13 +53,17 @@ class Registry(Generic[T]):
         return self._entries[self.canonical(name)]
 
     def __contains__(self, name: object) -> bool:
+        if str(name).lower() not in self._aliases:
+            load_entry_points()
         return str(name).lower() in self._aliases
 
     def names(self) -> list[str]:
+        """Every registered name, installed plugins' included."""
+        load_entry_points()
         return list(self._entries)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.names())

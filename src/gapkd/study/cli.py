@@ -43,6 +43,8 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def add_study_parser(sub) -> None:
     """Register `study` and its subcommands on the top-level subparsers object."""
+    from ..cli import plugin_option
+
     study = sub.add_parser("study", help="Capacity-gap studies: run a grid of runs, report it, see where it stands.",
                            description="Grids over datasets x teacher->student pairs x methods x hyper-parameters x seeds, "
                                        "with an SQLite result store and Markdown/HTML reports (docs/studies.md).")
@@ -55,7 +57,7 @@ def add_study_parser(sub) -> None:
     }
     for name, text in helps.items():
         parser = commands.add_parser(name, help=text, description=text, epilog=textwrap.dedent(EXAMPLES[name]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
         parser.add_argument("study", help="a built-in study (capacity-cifar10, gap-ladder) or a study YAML file")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="run-config overrides for every run, e.g. data.root=DIR train.device=cuda train.threads=8")

@@ -84,9 +84,15 @@ def model_params(run_dir: Path) -> Optional[int]:
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(payload, dict) or payload.get("format") != "gapkd-model":
         return None
-    with torch.device("meta"):
-        model = create_model(payload["model"], num_classes=payload["num_classes"], in_channels=payload["in_channels"],
-                             **payload.get("options", {}))
+    def build():
+        return create_model(payload["model"], num_classes=payload["num_classes"], in_channels=payload["in_channels"],
+                            **payload.get("options", {}))
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except RuntimeError:  # a model wrapped with gapkd.wrap_model checks real outputs when it is built
+        model = build()
     return sum(p.numel() for p in model.parameters())
 
 

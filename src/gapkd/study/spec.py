@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import RunConfig, _format_errors, build_config, merge, read_yaml
 from ..errors import ConfigError, suggest
+from ..plugins import import_plugins, plugin_list
 
 #: The stand-in for a teacher checkpoint inside a planned student config; the runner replaces
 #: it with the path of that teacher run's best checkpoint (so the run key is location-free).
@@ -186,6 +187,8 @@ def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None
     payload = cfg.model_dump(mode="json", exclude={"name", "out_dir"})
     payload["role"] = role
     payload["data"].pop("root", None)
+    if not payload["plugins"]:
+        del payload["plugins"]  # added later: studies planned before it keep their run keys
     for key in ("log_every", "threads"):
         payload["train"].pop(key, None)
     if pipeline:
@@ -200,6 +203,10 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None) -> list[
     where = f"study {spec.name}" + (f" (budget {spec.budget})" if spec.budget else "")
     overrides = overrides or {}
 
+    # the plugins a run config names register what the study names: imported before the names are checked
+    import_plugins(plugin for tree in (spec.base, spec.teacher_config, spec.student_config, overrides,
+                                       *(entry.config for entry in spec.methods.values()))
+                   for plugin in plugin_list(tree.get("plugins")))
     _check_registered(spec, where)
 
     def model_section(label: str) -> dict[str, Any]:
