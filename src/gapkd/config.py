@@ -77,6 +77,12 @@ class ModelConfig(_Strict):
     name: str = Field(..., description="model name (gapkd list models)")
     checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
+    init_head: Literal["load", "reset"] = Field(
+        "load", description="the classifier's weights: 'load' takes them from checkpoint like every other weight (its class "
+        "count must be the data's); 'reset' loads every other weight exactly and keeps the classifier freshly initialised for "
+        "the data's classes, to start from weights trained on another label set (e.g. ImageNet's). A student's option: a "
+        "distillation teacher's classifier gives the targets, so train the teacher first (gapkd train, where it is the student)",
+    )
 
 
 class MethodConfig(BaseModel):
@@ -163,6 +169,16 @@ class RunConfig(_Strict):
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if self.teacher is not None and self.teacher.init_head == "reset":
+            raise ConfigError(
+                "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "
+                f"{self.data.name}'s classes. Train it first from those weights as the student of a CE run (gapkd train -c "
+                f"<the teacher's recipe> student.name={self.teacher.name} student.checkpoint={self.teacher.checkpoint or 'PATH'} "
+                "student.init_head=reset), then set teacher.checkpoint=<that run>/checkpoints/best.pt and drop teacher.init_head."
+            )
+        if self.student.init_head == "reset" and not self.student.checkpoint:
+            raise ConfigError("student.init_head=reset resets the classifier of a loaded checkpoint, but student.checkpoint is "
+                              "not set: set student.checkpoint=PATH (or drop student.init_head).")
         return self
 
     def hparams_hash(self) -> str:
@@ -176,6 +192,9 @@ class RunConfig(_Strict):
             del payload["data"]["image_size"]
         if payload["train"]["fold_teacher_bn"]:
             del payload["train"]["fold_teacher_bn"]
+        for role in ("student", "teacher"):  # init_head, added later: hashed only when not the default
+            if payload[role] is not None and payload[role]["init_head"] == "load":
+                del payload[role]["init_head"]
         augment = payload["data"]["augment"]
         for key in ("scale", "ratio", "eval_crop_fraction"):
             if augment[key] == AugmentConfig().model_dump(mode="json")[key]:
