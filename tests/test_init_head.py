@@ -20,6 +20,7 @@ from gapkd.errors import CheckpointError, ConfigError
 from gapkd.methods.ce import CrossEntropy
 from gapkd.models import classifier_keys, create_model, load_state_dict_strict, wrap_model
 from gapkd.pipelines import eskd
+from gapkd.study import run_key
 
 from conftest import REPO
 
@@ -171,10 +172,11 @@ def test_hash_of_configs_without_init_head_is_unchanged():
     assert build_config(overrides=fixed).hparams_hash() == "0a7ca62e"
     assert build_config(overrides={"student": {"name": "resnet8"}}).hparams_hash() == "5799977e"
     assert build_config(path=REPO / "configs/cub200/resnet34-resnet18/kd.yaml").hparams_hash() == "b40facc9"
+    assert run_key(build_config(overrides=fixed), "student") == "4a932ef73cb9"  # a study's run identity, likewise
     spelled = build_config(overrides=fixed, base={"student": {"init_head": "load"}})
-    assert spelled.hparams_hash() == "0a7ca62e"
+    assert spelled.hparams_hash() == "0a7ca62e" and run_key(spelled, "student") == "4a932ef73cb9"
     fixed["student"]["init_head"] = "reset"
-    assert build_config(overrides=fixed).hparams_hash() != "0a7ca62e"
+    assert build_config(overrides=fixed).hparams_hash() != "0a7ca62e" and run_key(build_config(overrides=fixed), "student") != "4a932ef73cb9"
 
 
 def test_teacher_reset_is_refused_and_student_reset_needs_a_checkpoint():

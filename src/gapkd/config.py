@@ -145,6 +145,15 @@ class TrainConfig(_Strict):
     )
 
 
+def omit_default_init_head(payload: dict[str, Any]) -> dict[str, Any]:
+    """A RunConfig's JSON dump without ``init_head`` where it is the default ("load"): the key came
+    later, so it is hashed only when set and configs that do not set it keep their hashes (and resume)."""
+    for role in ("student", "teacher"):
+        if payload.get(role) is not None and payload[role].get("init_head") == "load":
+            del payload[role]["init_head"]
+    return payload
+
+
 class RunConfig(_Strict):
     name: Optional[str] = Field(None, description="run directory name; default derived from the config")
     out_dir: str = Field("runs", description="parent of run directories")
@@ -172,7 +181,7 @@ class RunConfig(_Strict):
         if self.teacher is not None and self.teacher.init_head == "reset":
             raise ConfigError(
                 "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "
-                f"{self.data.name}'s classes. Train it first from those weights as the student of a CE run (gapkd train -c "
+                f"the classes of {self.data.name}. Train it first from those weights as the student of a CE run (gapkd train -c "
                 f"<the teacher's recipe> student.name={self.teacher.name} student.checkpoint={self.teacher.checkpoint or 'PATH'} "
                 "student.init_head=reset), then set teacher.checkpoint=<that run>/checkpoints/best.pt and drop teacher.init_head."
             )
@@ -192,9 +201,7 @@ class RunConfig(_Strict):
             del payload["data"]["image_size"]
         if payload["train"]["fold_teacher_bn"]:
             del payload["train"]["fold_teacher_bn"]
-        for role in ("student", "teacher"):  # init_head, added later: hashed only when not the default
-            if payload[role] is not None and payload[role]["init_head"] == "load":
-                del payload[role]["init_head"]
+        omit_default_init_head(payload)
         augment = payload["data"]["augment"]
         for key in ("scale", "ratio", "eval_crop_fraction"):
             if augment[key] == AugmentConfig().model_dump(mode="json")[key]:

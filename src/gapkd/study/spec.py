@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import RunConfig, _format_errors, build_config, merge, read_yaml
+from ..config import RunConfig, _format_errors, build_config, merge, omit_default_init_head, read_yaml
 from ..errors import ConfigError, suggest
 
 #: The stand-in for a teacher checkpoint inside a planned student config; the runner replaces
@@ -183,7 +183,7 @@ def resolve_study(source: str | Path | dict[str, Any], budget: Optional[str] = N
 def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None) -> str:
     """What identifies a run across machines: its role and config, without where files are written or
     read from. (The role keeps a teacher apart from a from-scratch student that happens to share its config.)"""
-    payload = cfg.model_dump(mode="json", exclude={"name", "out_dir"})
+    payload = omit_default_init_head(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
     payload["role"] = role
     payload["data"].pop("root", None)
     for key in ("log_every", "threads"):
