@@ -22,7 +22,7 @@ from gapkd.models import classifier_keys, create_model, load_state_dict_strict, 
 from gapkd.pipelines import eskd
 from gapkd.study import run_key
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 # torchvision's ResNet-18 parameter names (the layout of its IMAGENET1K_V1 file), a few of each kind
 TORCHVISION_RESNET18_KEYS = ["conv1.weight", "bn1.running_var", "layer1.0.conv2.weight", "layer2.0.downsample.0.weight",
