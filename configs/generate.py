@@ -15,6 +15,10 @@
 - cub200/: CUB-200-2011 at 224 from scratch with CS-KD's fine-grained recipe (Yun et al., CVPR 2020:
   batch 32, lr 0.1, weight decay 1e-4, 200 epochs, step decay at 100/150) for the teacher and the
   students; KD/DKD weights as in the CIFAR recipes (no published KD recipe for this pair).
+  The *-imagenet variants (teachers/<model>-imagenet.yaml, <teacher>-<student>-imagenet/) start the
+  teacher and the student from torchvision's ImageNet weights under weights/ with a fresh 200-class
+  classifier (init_head: reset), at lr 0.01 (one tenth of the from-scratch lr, a usual fine-tuning
+  choice, not a published recipe); everything else as above.
 - cifar10/: the same pairs on CIFAR-10, plus the capacity study's ResNet pairs (logit-kd,
   feature-kd; specs/capacity-study.md) with their own teachers (teachers/study-<model>.yaml) and
   from-scratch baselines (baselines/study-<model>.yaml).
@@ -83,8 +87,10 @@ def study_recipe(epochs: int) -> dict:
     }
 
 
-# teacher, student, DKD beta (mdistiller's ImageNet configs), torchvision's IMAGENET1K_V1 weight file of the teacher
-IMAGENET_PAIRS = [("resnet34", "resnet18", 0.5, "resnet34-b627a593.pth"), ("resnet50", "mobilenet_v2", 2.0, "resnet50-0676ba61.pth")]
+# torchvision's IMAGENET1K_V1 weight files, which the user puts under weights/
+IMAGENET_WEIGHTS = {"resnet18": "resnet18-f37072fd.pth", "resnet34": "resnet34-b627a593.pth", "resnet50": "resnet50-0676ba61.pth"}
+# teacher, student, DKD beta (mdistiller's ImageNet configs)
+IMAGENET_PAIRS = [("resnet34", "resnet18", 0.5), ("resnet50", "mobilenet_v2", 2.0)]
 CUB_PAIRS = [("resnet34", "resnet18")]
 
 
@@ -99,12 +105,12 @@ def imagenet_recipe() -> dict:
     }
 
 
-def cub_recipe() -> dict:
+def cub_recipe(lr: float = 0.1) -> dict:
     """CS-KD's CUB-200-2011 recipe: 224 px from scratch, batch 32, lr 0.1, step at 100/150 of 200 epochs."""
     return {
         "data": {"name": "cub200", "image_size": 224, "batch_size": 32, "eval_batch_size": 128, "val_fraction": 0.1,
                  "augment": {"flip": True, "scale": [0.08, 1.0]}},
-        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
+        "optim": {"name": "sgd", "lr": lr, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4},
         "schedule": {"name": "step", "milestones": [100, 150], "gamma": 0.1},
         "train": {"epochs": 200},
     }
@@ -123,6 +129,11 @@ def teacher_run(dataset: str, model: str, prefix: str = "") -> str:
 
 def teacher(dataset: str, model: str, recipe: dict, prefix: str = "") -> dict:
     return {"name": teacher_run(dataset, model, prefix), "student": {"name": model}, "method": {"name": "ce"}, **recipe}
+
+
+def from_imagenet(model: str) -> dict:
+    """A model section starting from torchvision's ImageNet weights with a fresh classifier for the data's classes."""
+    return {"name": model, "checkpoint": f"weights/{IMAGENET_WEIGHTS[model]}", "init_head": "reset"}
 
 
 def distill(dataset: str, teacher_model: str, student: str, method: str, hyper: dict, recipe: dict, prefix: str = "") -> dict:
@@ -151,10 +162,10 @@ def recipes() -> dict[str, dict]:
             out[f"cifar10/{teacher_model}-{student}/{method}.yaml"] = distill(
                 "cifar10", teacher_model, student, method, method_hparams(method, 0.0), study_recipe(100), prefix="study-"
             )
-    for teacher_model, student, dkd_beta, weights in IMAGENET_PAIRS:
+    for teacher_model, student, dkd_beta in IMAGENET_PAIRS:
         for method in ("kd", "dkd"):
             recipe = distill("imagenet", teacher_model, student, method, imagenet_hparams(method, dkd_beta), imagenet_recipe())
-            recipe["teacher"]["checkpoint"] = f"weights/{weights}"  # torchvision's file, loaded as it is
+            recipe["teacher"]["checkpoint"] = f"weights/{IMAGENET_WEIGHTS[teacher_model]}"  # torchvision's file, loaded as it is
             out[f"imagenet/{teacher_model}-{student}/{method}.yaml"] = recipe
     for teacher_model, student in CUB_PAIRS:
         out[f"cub200/teachers/{teacher_model}.yaml"] = teacher("cub200", teacher_model, cub_recipe())
@@ -162,6 +173,12 @@ def recipes() -> dict[str, dict]:
             out[f"cub200/{teacher_model}-{student}/{method}.yaml"] = distill(
                 "cub200", teacher_model, student, method, method_hparams(method, 8.0), cub_recipe()
             )
+        # the same from ImageNet weights: the teacher is fine-tuned first (gapkd train), then the student
+        tuned = teacher("cub200", teacher_model, cub_recipe(lr=0.01), prefix="imagenet-")
+        out[f"cub200/teachers/{teacher_model}-imagenet.yaml"] = {**tuned, "student": from_imagenet(teacher_model)}
+        for method in ("kd", "dkd"):
+            recipe = distill("cub200", teacher_model, student, method, method_hparams(method, 8.0), cub_recipe(lr=0.01), prefix="imagenet-")
+            out[f"cub200/{teacher_model}-{student}-imagenet/{method}.yaml"] = {**recipe, "student": from_imagenet(student)}
     for model in STUDY_BASELINES:
         out[f"cifar10/baselines/study-{model}.yaml"] = {"student": {"name": model}, "method": {"name": "ce"}, **study_recipe(100)}
     return out

@@ -46,7 +46,7 @@ def test_takd_trains_assistant_then_student_and_skips_finished_stages(tiny_overr
     assert list(summary["stages"]) == ["assistant-resnet14", "student"]
     assistant_cfg = yaml.safe_load((root / "assistant-resnet14" / "config.yaml").read_text())
     student_cfg = yaml.safe_load((root / "student" / "config.yaml").read_text())
-    assert assistant_cfg["teacher"] == {"name": "resnet20", "checkpoint": str(trained_teacher[1]), "options": {}}
+    assert assistant_cfg["teacher"] == {"name": "resnet20", "checkpoint": str(trained_teacher[1]), "options": {}, "init_head": "load"}
     assert assistant_cfg["student"]["name"] == "resnet14" and assistant_cfg["method"]["name"] == "kd"
     assert student_cfg["teacher"]["name"] == "resnet14"
     assert student_cfg["teacher"]["checkpoint"] == str(root / "assistant-resnet14" / "checkpoints" / "best.pt")

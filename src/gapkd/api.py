@@ -33,15 +33,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
-    """Create a zoo model sized for ``data`` and load its checkpoint when one is named."""
+    """Create a zoo model sized for ``data`` and load its checkpoint when one is named (every weight
+    but the classifier's with ``init_head=reset``: the classifier keeps its fresh initialisation)."""
     model = create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)
     if model_cfg.checkpoint:
+        reset = model_cfg.init_head == "reset"
+        source = f"{role} checkpoint {model_cfg.checkpoint}"
+        if role == "teacher":
+            fix = (f"a teacher must be trained for {data.name}: train one first, starting from this file (gapkd train -c <the "
+                   f"teacher's recipe> student.name={model_cfg.name} student.checkpoint={model_cfg.checkpoint} student.init_head=reset).")
+        else:
+            fix = f"set {role}.init_head=reset to start from its other weights with a fresh {data.num_classes}-class classifier."
         payload = safe_load(model_cfg.checkpoint)
         if isinstance(payload, dict) and payload.get("format") == "gapkd-model":
-            if payload.get("num_classes") not in (None, data.num_classes):
+            if payload.get("num_classes") not in (None, data.num_classes) and not reset:
                 raise CheckpointError(
-                    f"{role} checkpoint {model_cfg.checkpoint} was trained for {payload['num_classes']} classes but "
-                    f"{data.name} has {data.num_classes}; train a {role} on this dataset first (gapkd train)."
+                    f"{source} was trained for {payload['num_classes']} classes but {data.name} has {data.num_classes}; {fix}"
                 )
             if payload.get("model", model_cfg.name).lower() != model_cfg.name.lower():
                 raise CheckpointError(
@@ -50,8 +57,13 @@ def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
                 )
             if payload.get("deployable"):  # the student wrapped by its method (SimKD: projector + teacher classifier)
                 spec = payload["deployable"]
+                if reset:
+                    raise CheckpointError(
+                        f"{source} is a {spec['method']} deployable model (the student wrapped with its method's parts), "
+                        f"which {role}.init_head=reset cannot start from; use a plainly trained {model_cfg.name} checkpoint."
+                    )
                 model = METHODS.get(spec["method"]).rebuild_deployable(model, spec["options"])
-        load_state_dict_strict(model, extract_state_dict(payload), source=f"{role} checkpoint {model_cfg.checkpoint}")
+        load_state_dict_strict(model, extract_state_dict(payload), source=source, reset_head=reset, head_hint=fix[0].upper() + fix[1:])
     return model
 
 

@@ -15,6 +15,8 @@ EXAMPLES = {
           gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz \\
               data.train_subset=2000 train.epochs=1 run.name=teacher-r56
           gapkd train -c configs/cifar100/resnet56.yaml train.epochs=240
+          gapkd train -c configs/cub200/teachers/resnet34.yaml optim.lr=0.01 \\
+              student.checkpoint=weights/resnet34-b627a593.pth student.init_head=reset   # ImageNet weights, fresh 200-class head
     """,
     "distill": """
         examples:

@@ -78,6 +78,12 @@ class ModelConfig(_Strict):
     name: str = Field(..., description="model name (gapkd list models)")
     checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
+    init_head: Literal["load", "reset"] = Field(
+        "load", description="the classifier's weights: 'load' takes them from checkpoint like every other weight (its class "
+        "count must be the data's); 'reset' loads every other weight exactly and keeps the classifier freshly initialised for "
+        "the data's classes, to start from weights trained on another label set (e.g. ImageNet's). A student's option: a "
+        "distillation teacher's classifier gives the targets, so train the teacher first (gapkd train, where it is the student)",
+    )
 
 
 class MethodConfig(BaseModel):
@@ -151,6 +157,20 @@ class TrainConfig(_Strict):
     )
 
 
+def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
+    """A RunConfig's JSON dump without the keys added after runs and studies existed, where they hold
+    their defaults (empty ``plugins``, ``compile_mode`` default, ``init_head`` load): hashed only when
+    set, so configs that do not set them keep their run hashes and study run keys (and resume)."""
+    if not payload.get("plugins"):
+        payload.pop("plugins", None)
+    if payload.get("train", {}).get("compile_mode") == "default":
+        del payload["train"]["compile_mode"]
+    for role in ("student", "teacher"):
+        if payload.get(role) is not None and payload[role].get("init_head") == "load":
+            del payload[role]["init_head"]
+    return payload
+
+
 class RunConfig(_Strict):
     name: Optional[str] = Field(None, description="run directory name; default derived from the config")
     out_dir: str = Field("runs", description="parent of run directories")
@@ -188,6 +208,16 @@ class RunConfig(_Strict):
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if self.teacher is not None and self.teacher.init_head == "reset":
+            raise ConfigError(
+                "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "
+                f"the classes of {self.data.name}. Train it first from those weights as the student of a CE run (gapkd train -c "
+                f"<the teacher's recipe> student.name={self.teacher.name} student.checkpoint={self.teacher.checkpoint or 'PATH'} "
+                "student.init_head=reset), then set teacher.checkpoint=<that run>/checkpoints/best.pt and drop teacher.init_head."
+            )
+        if self.student.init_head == "reset" and not self.student.checkpoint:
+            raise ConfigError("student.init_head=reset resets the classifier of a loaded checkpoint, but student.checkpoint is "
+                              "not set: set student.checkpoint=PATH (or drop student.init_head).")
         return self
 
     def hparams_hash(self) -> str:
@@ -197,14 +227,11 @@ class RunConfig(_Strict):
             payload["train"].pop(key, None)
         payload["data"].pop("workers", None)  # streamed batches are the same for any number of workers
         # keys added later: hashed only when set, so earlier runs keep their hashes (and resume)
-        if not payload["plugins"]:
-            del payload["plugins"]
+        omit_later_defaults(payload)
         if payload["data"]["image_size"] is None:
             del payload["data"]["image_size"]
         if payload["train"]["fold_teacher_bn"]:
             del payload["train"]["fold_teacher_bn"]
-        if payload["train"]["compile_mode"] == "default":
-            del payload["train"]["compile_mode"]
         augment = payload["data"]["augment"]
         for key in ("scale", "ratio", "eval_crop_fraction"):
             if augment[key] == AugmentConfig().model_dump(mode="json")[key]:

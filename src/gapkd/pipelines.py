@@ -166,17 +166,22 @@ def eskd(config: Union[str, os.PathLike, None] = None, overrides=None, *, stop_e
     """Early-stopped KD: distil from the teacher's best-validation checkpoint within its first stop_epoch epochs.
 
     The teacher is trained with labels on its full schedule (``teacher_epochs``, default the recipe's
-    train.epochs); the student is distilled from the early checkpoint with the recipe's method."""
+    train.epochs): from scratch, or, with ``teacher.init_head=reset``, from teacher.checkpoint's
+    weights with a fresh classifier (weights trained on another label set, e.g. ImageNet's). The
+    student is distilled from the early checkpoint with the recipe's method."""
     tree, options = load_recipe("eskd", ESKDOptions, config, overrides, stop_epoch=stop_epoch, teacher_epochs=teacher_epochs)
-    teacher = {k: v for k, v in _teacher_section(tree).items() if k != "checkpoint"}
-    if echo and tree["teacher"].get("checkpoint"):
-        print(f"eskd trains its own teacher; teacher.checkpoint={tree['teacher']['checkpoint']} is not used.")
-    tree["teacher"] = teacher
+    section = _teacher_section(tree)
+    start_from = {k: section[k] for k in ("checkpoint", "init_head") if k in section} if section.get("init_head") == "reset" else {}
+    teacher = {k: v for k, v in section.items() if k not in ("checkpoint", "init_head")}
+    if echo and section.get("checkpoint") and not start_from:
+        print(f"eskd trains its own teacher from scratch; teacher.checkpoint={section['checkpoint']} is not used "
+              "(with teacher.init_head=reset the teacher starts from its weights).")
+    tree["teacher"] = {**teacher, **start_from}  # the pipeline's name hashes where the teacher starts from
     student = (tree.get("student") or {}).get("name", "student")
     label = "-".join([str(tree.get("data", {}).get("name", "digits")), teacher["name"], student])
     pipeline_dir = pipeline_dir_for("eskd", tree, options, label)
 
-    teacher_cfg = stage_config(tree, pipeline_dir, "teacher", replace={"teacher": None, "method": {"name": "ce"}, "student": teacher},
+    teacher_cfg = stage_config(tree, pipeline_dir, "teacher", replace={"teacher": None, "method": {"name": "ce"}, "student": tree["teacher"]},
                                update={"train": {"epochs": options.teacher_epochs} if options.teacher_epochs else {}})
     if options.stop_epoch > teacher_cfg.train.epochs:
         raise ConfigError(f"eskd.stop_epoch={options.stop_epoch} is beyond the teacher's {teacher_cfg.train.epochs} epochs; "

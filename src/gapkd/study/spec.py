@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import RunConfig, _format_errors, build_config, merge, read_yaml
+from ..config import RunConfig, _format_errors, build_config, merge, omit_later_defaults, read_yaml
 from ..errors import ConfigError, suggest
 from ..plugins import import_plugins, plugin_list
 
@@ -184,11 +184,9 @@ def resolve_study(source: str | Path | dict[str, Any], budget: Optional[str] = N
 def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None) -> str:
     """What identifies a run across machines: its role and config, without where files are written or
     read from. (The role keeps a teacher apart from a from-scratch student that happens to share its config.)"""
-    payload = cfg.model_dump(mode="json", exclude={"name", "out_dir"})
+    payload = omit_later_defaults(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
     payload["role"] = role
     payload["data"].pop("root", None)
-    if not payload["plugins"]:
-        del payload["plugins"]  # added later: studies planned before it keep their run keys
     for key in ("log_every", "threads"):
         payload["train"].pop(key, None)
     if pipeline:
