@@ -10,7 +10,7 @@ import torch
 from gapkd.api import prepare_distiller, resolve_device
 from gapkd.data import build_data
 from gapkd.engine.optim import build_optimizer
-from gapkd.engine.trainer import autocast_context, resolve_channels_last
+from gapkd.engine.trainer import autocast_context, resolve_channels_last, uses_cuda_graphs
 from gapkd.methods import StepInfo
 
 
@@ -25,7 +25,11 @@ def make_step(cfg, data):
     batch = next(iter(bundle.train.epoch(0)))
     info = StepInfo(0, 0, 1, 1, batch.indices)
 
+    cuda_graphs = uses_cuda_graphs(cfg.train)
+
     def step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with amp_ctx():
             loss = sum(distiller(batch.images, batch.labels, info).losses.values())
         optimizer.zero_grad(set_to_none=True)

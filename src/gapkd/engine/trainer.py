@@ -54,6 +54,12 @@ def resolve_channels_last(device: torch.device, amp: str, channels_last: bool | 
     return resolve_amp(device, amp) != "off"
 
 
+def uses_cuda_graphs(train_cfg) -> bool:
+    """Whether the compiled step replays as CUDA graphs (compile modes reduce-overhead and max-autotune,
+    on CUDA), which reuse their output memory at every replay: each step must be marked as a new one."""
+    return bool(train_cfg.compile) and train_cfg.compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def autocast_context(device: torch.device, amp: str):
     """The autocast context of ``train.amp`` (see :func:`resolve_amp`) and its dtype (None: fp32)."""
     amp = resolve_amp(device, amp)
@@ -117,8 +123,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
     amp_ctx, amp_dtype = autocast_context(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     check_every_step = device.type == "cpu" or cfg.train.nonfinite == "skip"
-    # CUDA graphs (compile modes reduce-overhead / max-autotune) reuse their output memory at every replay
-    cuda_graphs = bool(cfg.train.compile) and cfg.train.compile_mode in ("reduce-overhead", "max-autotune")
+    cuda_graphs = uses_cuda_graphs(cfg.train)
     config_hash = cfg.hparams_hash()
 
     start_epoch, best, history, train_seconds, skipped = 0, {"val": -1.0, "epoch": 0, "test": None}, [], 0.0, 0
