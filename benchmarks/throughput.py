@@ -65,7 +65,7 @@ def calibrated_teacher(name: str, data: ImageData) -> torch.nn.Module:
     from gapkd.data.loader import Normalizer
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=data.num_classes).train()
+    model = create_model(name, num_classes=data.num_classes, in_channels=data.in_channels).train()
     normalize = Normalizer(data.mean, data.std, torch.device("cpu"))
     with torch.no_grad():
         for start in range(0, min(len(data.train), 512), 128):

@@ -1,0 +1,44 @@
+"""The speed benchmarks run end to end on tiny inputs and report what RESULTS.md reads from them
+(their numbers are measured in benchmarks/, never asserted here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, cwd: Path) -> None:
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=cwd, check=True,
+                   capture_output=True, text=True, timeout=600)
+
+
+def test_throughput_reports_the_three_ways(tmp_path):
+    out = tmp_path / "throughput.json"
+    _run("throughput.py", "--pairs", "resnet8:resnet8", "--methods", "kd", "dkd", "--images", "96", "--batch", "32",
+         "--steps", "1", "--rounds", "1", "--workers", "0", "--json", str(out), "train.amp=off", cwd=REPO / "benchmarks")
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["kd", "dkd"]
+    kd, dkd = rows
+    for row in rows:
+        assert row["gapkd_img_s"] > 0 and row["compute_bound_img_s"] > 0
+        assert abs(row["a_over_c"] - row["gapkd_img_s"] / row["compute_bound_img_s"]) < 1e-9
+    assert kd["conventional_img_s"] > 0 and abs(kd["a_over_b"] - kd["gapkd_img_s"] / kd["conventional_img_s"]) < 1e-9
+    assert dkd["conventional_img_s"] is None  # (b) is KD's only
+    assert kd["step_time_vs_kd"] == 1.0
+
+
+def test_recipe_time_runs_a_recipe_with_stated_stand_ins(tmp_path):
+    out = tmp_path / "recipe.json"
+    recipe = REPO / "configs" / "cifar10" / "resnet56-resnet20" / "kd.yaml"
+    _run("recipe_time.py", str(recipe), "--epochs", "3", "--json", str(out), "data.name=digits", "data.batch_size=64",
+         "student.name=resnet8", "teacher.name=resnet8", "train.amp=off", cwd=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["epochs_run"] == 3 and result["recipe_epochs"] == 240
+    assert result["batches_per_epoch"] > 0 and result["steady_ms_per_batch"] > 0
+    assert any(s.startswith("teacher: random-weight resnet8") for s in result["stand_ins"])  # no checkpoint here
+    # three epochs ran, 237 are projected at the measured whole-epoch rate
+    assert abs(result["projected_recipe_wall_seconds"] - (result["wall_seconds"] + 237 * result["steady_epoch_wall_seconds"])) < 1e-6
+    assert not list(tmp_path.glob("runs"))  # the timed run wrote into a temporary folder
