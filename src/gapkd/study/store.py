@@ -48,10 +48,25 @@ class ResultStore:
         self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         with self._transaction():
             self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns}, PRIMARY KEY (study, config_hash))")
+
+    @staticmethod
+    def _retry_while_locked(statement) -> None:
+        """Run ``statement`` again while another connection holds the lock it needs. SQLite does not
+        call the busy handler for some lock upgrades (switching a new database to WAL while another
+        process opens it), so those fail at once with 'database is locked' however long the timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                statement()
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self._db.close()
