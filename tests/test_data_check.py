@@ -130,3 +130,22 @@ def test_layout_errors_and_bad_options_exit_2_with_one_line(tmp_path, capsys):
     assert status == 2 and "only data.* overrides" in err
     with pytest.raises(Exception, match="at least 1 image"):
         gapkd.check_data({"name": "digits"}, limit=0)
+
+
+def test_cub_official_split_with_a_class_missing_from_test_is_reported(tmp_path):
+    folder = tmp_path / "CUB_200_2011"
+    classes = ["001.Albatross", "002.Sooty"]
+    rows = []  # (id, file, class 1-based, is_train)
+    for c, name in enumerate(classes):
+        for i in range(3):
+            write_image(folder / "images" / name / f"b{i}.jpg", 10 * c + i)
+            rows.append((len(rows) + 1, f"{name}/b{i}.jpg", c + 1, 1 if c == 1 or i < 2 else 0))  # class 2: train only
+    for file, column in (("images.txt", 1), ("image_class_labels.txt", 2), ("train_test_split.txt", 3)):
+        (folder / file).write_text("".join(f"{r[0]} {r[column]}\n" for r in rows))
+    (folder / "classes.txt").write_text("".join(f"{c + 1} {n}\n" for c, n in enumerate(classes)))
+    cfg = {"name": "cub200", "path": str(tmp_path)}
+    with pytest.raises(DataError, match="has no images of class '002.Sooty'"):  # a run stops at start-up
+        load_dataset(DataConfig(**cfg))
+    report = gapkd.check_data(cfg, workers=0)
+    assert report["missing_in_test"] == ["002.Sooty"] and report["decode"]["checked"] == 6
+    assert len(report["problems"]) == 1 and "'002.Sooty'" in report["problems"][0]

@@ -93,7 +93,7 @@ def decode_files(data: FolderData, *, workers: int | None, limit: int | None, se
     start = last = time.perf_counter()
     pool = multiprocessing.get_context().Pool(workers) if workers else None
     try:
-        results = pool.imap_unordered(_inspect, paths, chunksize=64) if pool else map(_inspect, paths)
+        results = pool.imap(_inspect, paths, chunksize=64) if pool else map(_inspect, paths)
         for done, (path, mode, width, height, error) in enumerate(results, 1):
             relative = path[len(root):] if path.startswith(root) else path
             if error is not None:
