@@ -66,7 +66,8 @@ EXAMPLES = {
         Streamed datasets (imagenet, cub200, image-folder-stream): every file the loader would use
         is decoded whole, as the loader decodes it, in --workers processes. Decoded datasets are
         loaded as a run loads them. Exit status 0 when clean; 2 with one line naming each problem
-        and its fix. Nothing is written but the --json report.
+        and its fix. Nothing is written but the --json report (and the decoded cache a run of a
+        tarball of small images writes too).
 
         examples:
           gapkd data check data.name=imagenet data.path=/data/imagenet --workers 16 --json imagenet-check.json
