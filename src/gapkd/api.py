@@ -310,6 +310,38 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig | dict | list[str] 
     return evaluate_checkpoint(checkpoint, data_config(data, "evaluate"), model, device, amp)
 
 
+def check_data(data: DataConfig | dict | list[str] | None = None, *, workers: int | None = None, limit: int | None = None,
+               seed: int = 0, echo: bool = False) -> dict:
+    """Check a dataset before a long run (`gapkd data check`): what a run would read, read whole now.
+
+    Streamed datasets (imagenet, cub200, image-folder-stream) are listed by the loader's own
+    readers and every image is decoded whole as the loader decodes it; the decoded ones are loaded
+    as a run loads them (tarballs of small images are decoded and cached, as a run does). Nothing
+    else is written.
+
+    Args:
+        data: the dataset, as for :func:`evaluate`: a dict of data keys, ``data.key=value`` strings
+            or a :class:`~gapkd.config.DataConfig`.
+        workers: decoding processes (default ``data.workers``, else min(8, CPU cores)); 0 decodes here.
+        limit: decode only this many images, drawn at random with ``seed``, for a quick pass
+            (the counts per split and class still cover every file).
+        seed: the seed of that sample.
+        echo: print a progress line to stderr every 30 seconds while decoding.
+
+    Returns:
+        The report: ``splits`` (images, classes, per-class min/max/empty per split), ``carved``
+        (the run's train/val/test sizes), ``class_lists_agree``, ``missing_in_test``, ``unknown_in_test``;
+        for streamed data ``decode`` (``checked``, ``unreadable_count``, ``unreadable`` (the first 20, each
+        with its error), ``converted_to_rgb`` (counts per mode, not errors), ``smallest``); for decoded
+        data ``image_shape`` and ``label_range``; ``problems`` (one line each, with the fix) and ``ok``.
+        Layout errors that stop the listing itself (no ``train/``, a missing file) raise
+        :class:`~gapkd.errors.DataError` as a run would.
+    """
+    from .data.check import check_dataset
+
+    return check_dataset(data_config(data, "check_data"), workers=workers, limit=limit, seed=seed, echo=echo)
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data_cfg, model_name: str | None = None, device: str = "auto",
                         amp: str = "auto") -> dict:
     """Accuracy of a model checkpoint on the validation and test splits of a dataset. ``amp`` as train.amp,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -79,6 +81,26 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(STREAM_SUFFIXES)
 
 
+#: set inside :func:`tolerate_layout_problems`: the held-out class folders unknown to train, noted there
+_TOLERATED: ContextVar[list[dict] | None] = ContextVar("gapkd_tolerated_layout_problems", default=None)
+
+
+@contextmanager
+def tolerate_layout_problems() -> Iterator[list[dict]]:
+    """Inside, the readers list a tree past the class problems that stop a run at start-up (an empty
+    class, held-out class folders train lacks: those are left out and noted in the list this yields
+    as ``{"folder", "class", "images"}``) so that `gapkd data check` reports them all at once."""
+    token = _TOLERATED.set([])
+    try:
+        yield _TOLERATED.get()
+    finally:
+        _TOLERATED.reset(token)
+
+
+def _tolerated() -> bool:
+    return _TOLERATED.get() is not None
+
+
 def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
     """(classes, files relative to split_dir's parent, labels) of ``split_dir/<class>/<image>``.
     ``classes`` (from train) fixes the label numbering; otherwise the sorted folder names do."""
@@ -97,13 +119,16 @@ def scan_class_folders(split_dir: Path, classes: list[str] | None = None) -> tup
         classes = folders
     index = {name: label for label, name in enumerate(classes)}
     unknown = [name for name in folders if name not in index]
-    if unknown:
+    if unknown and not _tolerated():
         raise DataError(f"{split_dir}: classes {unknown[:5]} are not among the training classes; both splits need the same class folders.")
     files, labels = [], []
     for name in folders:
         with os.scandir(split_dir / name) as entries:
             images = sorted(e.name for e in entries if e.is_file() and _is_image(e.name))
-        if not images:
+        if name not in index:  # tolerated: noted, left out
+            _TOLERATED.get().append({"folder": str(split_dir), "class": name, "images": len(images)})
+            continue
+        if not images and not _tolerated():
             raise DataError(f"{split_dir / name} holds no images ({', '.join(STREAM_SUFFIXES)}); remove the empty class folder.")
         files += [f"{split_dir.name}/{name}/{image}" for image in images]
         labels += [index[name]] * len(images)
@@ -188,7 +213,7 @@ def _read_cub_official(folder: Path, size: int) -> FolderData:
         splits[is_train[image_id] == "1"][1].append(label)
     for train, split in ((True, "train"), (False, "test")):
         empty = sorted(set(range(len(class_names))) - set(splits[train][1]))
-        if empty:
+        if empty and not _tolerated():
             raise DataError(f"cub200: the {split} split has no images of class {class_names[empty[0]]!r} (and {len(empty) - 1} more); check the split files.")
     return FolderData("cub200", class_names, file_split(folder, *splits[True]), file_split(folder, *splits[False]),
                       IMAGENET_MEAN, IMAGENET_STD, size)
@@ -235,6 +260,20 @@ def center_crop(image, size: int, crop_fraction: float):
     return image.crop((left, top, left + size, top + size))
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # Pillow's UnidentifiedImageError is an OSError
+
+
+def decode_rgb(path: str):
+    """(the whole image decoded as RGB, its mode in the file): what the loader feeds the model."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB"), opened.mode
+    except DECODE_ERRORS as error:
+        raise DataError(f"{path} is not a readable image ({error}); remove or replace it.") from None
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Row -> (uint8 HWC array, label, sample id), decoded and transformed for one epoch."""
 
@@ -248,14 +287,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.split)
 
     def __getitem__(self, row: int) -> tuple[np.ndarray, int, int]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
-        path = self.split.path(row)
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-            raise DataError(f"{path} is not a readable image ({error}); remove or replace it.") from None
+        image, _ = decode_rgb(self.split.path(row))
         if self.train:
             rng = np.random.default_rng([self.seed % 2**32, self.epoch, row])
             left, top, w, h = random_resized_box(*image.size, self.scale, self.ratio, rng)
