@@ -6,7 +6,9 @@ included); the processes trained on exactly those shards; only rank 0 wrote into
 directory (an audit hook records every file the other rank opened for writing); the final
 weights match a single-process run with the same global batch; a run interrupted mid-epoch (every
 process stopped at the same step, as Ctrl-C under torchrun does) resumes under 2 processes
-bit-identically, and its DDP checkpoint also resumes in a single process."""
+bit-identically, and its DDP checkpoint also resumes in a single process. CRD (memory banks,
+negatives and normalisation over the global batch): 2 processes match one in weights and banks,
+the processes' banks agree bit for bit at every step, and its 2-process resume is exact."""
 from __future__ import annotations
 
 import json
