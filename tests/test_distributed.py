@@ -6,7 +6,9 @@ included); the processes trained on exactly those shards; only rank 0 wrote into
 directory (an audit hook records every file the other rank opened for writing); the final
 weights match a single-process run with the same global batch; a run interrupted mid-epoch (every
 process stopped at the same step, as Ctrl-C under torchrun does) resumes under 2 processes
-bit-identically, and its DDP checkpoint also resumes in a single process."""
+bit-identically, and its DDP checkpoint also resumes in a single process. CRD (memory banks,
+negatives and normalisation over the global batch): 2 processes match one in weights and banks,
+the processes' banks agree bit for bit at every step, and its 2-process resume is exact."""
 from __future__ import annotations
 
 import json
@@ -30,6 +32,7 @@ from gapkd.engine import distributed
 from gapkd.engine.checkpoint import safe_load
 from gapkd.errors import ConfigError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
+from gapkd.methods.crd import CRD
 from gapkd.methods.kd import KD
 from gapkd.models import MODELS, create_model
 from gapkd.models.base import StagedNet
@@ -68,12 +71,25 @@ class RecordingKD(KD):
         return super().forward(images, labels, step)
 
 
+class RecordingCRD(CRD):
+    """CRD that remembers, after every step, the step's sample ids and both memory banks of this process."""
+
+    def forward(self, images, labels, step):
+        out = super().forward(images, labels, step)
+        RecordingKD.seen.append((step.step, step.indices.tolist()))
+        RecordingCRD.banks.append((step.step, self.memory_student.clone(), self.memory_teacher.clone()))
+        return out
+
+    banks: list = []
+
+
 def _register(setitem=lambda mapping, key, value: mapping.__setitem__(key, value)) -> None:
-    """Add the plain net and the recording method to the registries (the tests undo it through monkeypatch)."""
+    """Add the plain net and the recording methods to the registries (the tests undo it through monkeypatch)."""
     setitem(MODELS._entries, PLAIN_NET, ModelEntry(PlainNet, 8, "test"))
     setitem(MODELS._aliases, PLAIN_NET, PLAIN_NET)
-    setitem(METHODS._entries, "kd-recording", RecordingKD)
-    setitem(METHODS._aliases, "kd-recording", "kd-recording")
+    for name, method in (("kd-recording", RecordingKD), ("crd-recording", RecordingCRD)):
+        setitem(METHODS._entries, name, method)
+        setitem(METHODS._aliases, name, name)
 
 
 def _overrides(out_dir: Path, teacher: Path, name: str, epochs: int = 3) -> dict:
@@ -146,7 +162,7 @@ def _worker(rank: int, port: int, jobs: list[dict], report: str) -> None:
         _audit_writes(jobs[0]["overrides"]["out_dir"], writes)
     for job in jobs:
         cfg = build_config(job["overrides"])
-        RecordingKD.seen = []
+        RecordingKD.seen, RecordingCRD.banks = [], []
         if job.get("interrupt"):
             real_epoch, DeviceLoader.epoch = DeviceLoader.epoch, _interrupt_at(*job["interrupt"])
             try:
@@ -159,7 +175,8 @@ def _worker(rank: int, port: int, jobs: list[dict], report: str) -> None:
             distributed.current().barrier()
             continue
         summary = run(cfg, echo=False)
-        torch.save({"summary": summary, "seen": RecordingKD.seen, "writes": list(writes)}, f"{report}.{cfg.name}.rank{rank}.pt")
+        torch.save({"summary": summary, "seen": RecordingKD.seen, "banks": RecordingCRD.banks, "writes": list(writes)},
+                   f"{report}.{cfg.name}.rank{rank}.pt")
 
 
 def _launch(jobs: list[dict], report: Path) -> None:
@@ -173,6 +190,7 @@ def _weights(run_dir: Path) -> dict:
 @pytest.fixture
 def registered(monkeypatch):
     monkeypatch.setattr(RecordingKD, "seen", [])
+    monkeypatch.setattr(RecordingCRD, "banks", [])
     _register(monkeypatch.setitem)
 
 
@@ -208,17 +226,27 @@ def test_shards_are_disjoint_and_make_up_each_global_batch_exactly():
                 torch.testing.assert_close(averaged, whole_grad)
 
 
-def test_batch_size_must_split_evenly_and_crd_is_refused():
+def test_batch_size_must_split_evenly_and_methods_can_refuse_ddp():
     two = distributed.Distributed(rank=0, world_size=2)
     distributed.check_batch_size(64, two)
     with pytest.raises(ConfigError, match="data.batch_size=65 is the global batch.*multiple of 2"):
         distributed.check_batch_size(65, two)
+    make = lambda: create_model("resnet8", num_classes=10, in_channels=1)  # noqa: E731
     task = TaskInfo(10, 1, 8, 20, torch.arange(20), torch.arange(20) % 10)
-    crd = METHODS.get("crd")(create_model("resnet8", num_classes=10, in_channels=1),
-                             create_model("resnet8", num_classes=10, in_channels=1), task=task, num_negatives=4)
-    with pytest.raises(ConfigError, match="CRD keeps per-sample state"):
-        distributed.wrap(crd, two, torch.device("cpu"))
-    assert distributed.wrap(crd, distributed.SINGLE, torch.device("cpu")) is crd  # a single process needs nothing
+    distributed.check_supported(METHODS.get("crd")(make(), make(), task=task, num_negatives=4))  # CRD trains under DDP
+
+    class Unsynchronised(KD):
+        supports_ddp = False
+
+    refused = Unsynchronised(make(), make())
+    with pytest.raises(ConfigError, match="Unsynchronised keeps per-sample state"):
+        distributed.wrap(refused, two, torch.device("cpu"))
+    assert distributed.wrap(refused, distributed.SINGLE, torch.device("cpu")) is refused  # a single process needs nothing
+
+
+def test_all_gather_in_one_process_is_the_tensor_itself():
+    x = torch.arange(6).reshape(3, 2)
+    assert distributed.all_gather(x, distributed.SINGLE) == [x]
 
 
 def test_on_gpus_every_trainable_batchnorm_becomes_syncbatchnorm_in_place():
@@ -334,3 +362,49 @@ def test_two_processes_match_one_write_once_and_resume(tmp_path, teacher, regist
     d = _weights(saved)
     for key in a:
         torch.testing.assert_close(a[key], d[key], **CLOSE)
+
+
+def _crd_overrides(out_dir: Path, teacher: Path, name: str) -> dict:
+    """CRD (with KD) into the plain net, 2 epochs of 5 steps; each epoch's last global batch splits unevenly."""
+    overrides = _overrides(out_dir, teacher, name, epochs=2)
+    overrides["method"] = {"name": "crd-recording", "num_negatives": 64, "feature_dim": 16, "kd_weight": 0.5}
+    return overrides
+
+
+def test_crd_two_processes_match_one_and_resume_exactly(tmp_path, teacher, registered):
+    """CRD's memory banks, negatives and normalisation follow the global batch: 2 processes train
+    as one does (weights and banks equal to float rounding, the two processes' banks bit-identical
+    at every step), and an interrupted 2-process run resumes bit-identically."""
+    out, report = tmp_path / "ddp", tmp_path / "report"
+    straight, interrupted = _crd_overrides(out, teacher, "crd-straight"), _crd_overrides(out, teacher, "crd-interrupted")
+    _launch([
+        {"overrides": straight},
+        {"overrides": interrupted, "interrupt": (1, 2), "copy_to": str(out / "crd-left")},  # stops in epoch 2
+        {"overrides": interrupted},  # resumes it
+    ], report)
+    single = build_config(_crd_overrides(tmp_path / "single", teacher, "crd-single"))
+    run(single, echo=False)
+    single_banks = RecordingCRD.banks
+
+    ranks = [torch.load(f"{report}.crd-straight.rank{r}.pt") for r in range(WORLD)]
+    assert len(single_banks) == len(ranks[0]["banks"]) == len(ranks[1]["banks"]) == 2 * 5
+    last = [len(dict(r["seen"])[4]) for r in ranks]
+    assert last[0] == last[1] + 1  # the last global batch of an epoch splits unevenly (22 + 21)
+    for (step, s0, t0), (_, s1, t1), (single_step, s, t) in zip(ranks[0]["banks"], ranks[1]["banks"], single_banks):
+        assert step == single_step
+        assert torch.equal(s0, s1) and torch.equal(t0, t1)  # every process holds the same banks
+        torch.testing.assert_close(s0, s, **CLOSE)
+        torch.testing.assert_close(t0, t, **CLOSE)
+
+    a = safe_load(run_dir_for(build_config(straight)) / "checkpoints" / "state.pt")["model"]
+    b = safe_load(run_dir_for(single) / "checkpoints" / "state.pt")["model"]
+    left = safe_load(out / "crd-left" / "checkpoints" / "state.pt")
+    assert left["epoch"] == 1 and a.keys() == b.keys() == left["model"].keys()
+    assert {"memory_student", "memory_teacher", "normalizers"} <= a.keys()
+    assert max(float((a[k] - left["model"][k]).abs().max()) for k in a) > 1e-3  # the last epoch moved them
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **CLOSE)
+
+    c = safe_load(run_dir_for(build_config(interrupted)) / "checkpoints" / "state.pt")["model"]
+    assert "resuming crd-interrupted after epoch 1/2" in (run_dir_for(build_config(interrupted)) / "train.log").read_text()
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)

@@ -179,7 +179,7 @@ def test_crd_contrast_matches_eq18_and_updates_memory_with_momentum():
 def test_crd_forward_combines_embeddings_contrast_ce_and_kd(monkeypatch):
     crd = _tiny_crd(ce_weight=0.7, kd_weight=0.4, crd_weight=0.8, temperature=2.0)
     negatives = torch.tensor([[0, 4], [2, 4]])
-    monkeypatch.setattr(crd, "sample_negatives", lambda rows: negatives)
+    monkeypatch.setattr(crd, "sample_negatives", lambda rows, draw: negatives)
     mem_s, mem_t = crd.memory_student.clone().double().numpy(), crd.memory_teacher.clone().double().numpy()
     x, y = torch.randn(2, 1, 4, 4), torch.tensor([1, 2])
     out = crd(x, y, StepInfo(0, 0, 1, 1, indices=torch.tensor([3, 12])))  # ids 3 and 12 are bank rows 1 and 3
@@ -207,9 +207,8 @@ def test_crd_forward_combines_embeddings_contrast_ce_and_kd(monkeypatch):
 def test_crd_negatives_are_uniform_over_the_allowed_rows(mode):
     crd = _tiny_crd(negatives=mode, num_negatives=6000)
     labels = torch.tensor([0, 1, 1, 2, 0])
-    torch.manual_seed(1)
     rows = torch.tensor([0, 1, 3])
-    drawn = crd.sample_negatives(rows)
+    drawn = crd.sample_negatives(rows, crd.negative_draws(7, 3, torch.device("cpu")))
     assert drawn.shape == (3, 6000)
     for row, negatives in zip(rows.tolist(), drawn):
         allowed = [r for r in range(5) if r != row and (mode == "any" or labels[r] != labels[row])]
@@ -217,8 +216,11 @@ def test_crd_negatives_are_uniform_over_the_allowed_rows(mode):
         assert sorted(torch.nonzero(counts).flatten().tolist()) == allowed  # every allowed row, nothing else
         share = counts[allowed].double() / 6000
         assert torch.all((share - 1 / len(allowed)).abs() < 0.03)  # uniform (binomial sd < 0.007)
-    torch.manual_seed(1)
-    assert torch.equal(crd.sample_negatives(rows), drawn)  # drawn from the global RNG the engine seeds
+    # drawn from the run's seed and the step, not from the global RNG (which differs between DDP processes)
+    torch.manual_seed(123)
+    assert torch.equal(crd.sample_negatives(rows, crd.negative_draws(7, 3, torch.device("cpu"))), drawn)
+    assert not torch.equal(crd.sample_negatives(rows, crd.negative_draws(8, 3, torch.device("cpu"))), drawn)
+    assert _tiny_crd(negatives=mode, num_negatives=6000).negative_seed == crd.negative_seed  # the same seed, the same draws
 
 
 def test_crd_bank_is_keyed_by_training_ids_of_a_carved_split(tiny_overrides, tmp_path):

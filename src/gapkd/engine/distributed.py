@@ -168,6 +168,22 @@ def all_reduce_sum(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
     return total
 
 
+def all_gather(tensor: torch.Tensor, dist: Distributed) -> list[torch.Tensor]:
+    """Every process's ``tensor``, in rank order (``[tensor]`` in a single process). Their first
+    dimensions may differ (the slices of an uneven last batch); the other dimensions must agree."""
+    if not dist.enabled:
+        return [tensor]
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(dist.world_size)]
+    torch_dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))  # gloo gathers equal shapes only
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(dist.world_size)]
+    torch_dist.all_gather(parts, padded)
+    return [part[:n] for part, n in zip(parts, sizes)]
+
+
 def any_process(flag: bool, dist: Distributed, device: torch.device) -> bool:
     """True on every process when ``flag`` is True on any of them (so all take the same branch)."""
     if not dist.enabled:

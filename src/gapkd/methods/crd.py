@@ -10,7 +10,12 @@ by the data layer's stable ids (``StepInfo.indices``, rows of the source split),
 bank rows through ``TaskInfo.train_ids``: the bank has exactly one row per training sample,
 so validation samples carved out of the source split never appear among the negatives.
 Negatives are drawn with replacement (the i.i.d. noise draws NCE assumes; RepDistiller draws
-them without replacement) from torch's global RNG, which the engine seeds every epoch."""
+them without replacement) from a generator seeded by the run and the step (not by the process).
+
+Under DDP each process holds a slice of the global batch; CRD then trains as one process would
+on the whole batch: every process draws the negatives of the whole global batch and keeps its
+slice's, Z is estimated over the whole first global batch, and the memory banks are updated
+with every slice's embeddings (gathered in rank order), so every process's banks stay the same."""
 from __future__ import annotations
 
 import math
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from ..engine import distributed
 from ..errors import ConfigError
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 from .losses import kd_kl
@@ -76,7 +82,6 @@ class CRD(Distiller):
     """CRD: contrastive (NCE) matching of student and teacher embeddings against memory banks of the training set."""
 
     Hparams = CRDHparams
-    supports_ddp = False  # each process would update the memory banks for its own samples only
 
     def __init__(self, student, teacher=None, *, task=None, **hyper: Any):
         super().__init__(student, teacher, task=task, **hyper)
@@ -109,7 +114,12 @@ class CRD(Distiller):
             self.register_buffer("rows_by_class", torch.argsort(labels, stable=True), persistent=False)
             self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
             self.register_buffer("class_count", counts, persistent=False)
+        # seeds the negatives' generator with the step: drawn from the global RNG, which the run seeds with its seed
+        # before building the distiller, so the same on every process and again on resume
+        self.negative_seed = int(torch.randint(0, 2**62, ()))
+        self._generator: torch.Generator | None = None
         self._ids_checked = False
+        self._normalizers_set = False
 
     def bank_rows(self, indices: Tensor | None) -> Tensor:
         """Memory-bank rows of a batch's sample ids."""
@@ -123,11 +133,18 @@ class CRD(Distiller):
             self._ids_checked = True
         return self.row_of_id[indices]
 
-    def sample_negatives(self, rows: Tensor) -> Tensor:
+    @torch.compiler.disable
+    def negative_draws(self, step: int, count: int, device: torch.device) -> Tensor:
+        """(count, K) uniform draws in [0, 1) for the negatives of a global batch of ``count`` samples at
+        ``step``: the same numbers on every process, in any run with this seed (resumed ones included)."""
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(self.negative_seed + step)  # CPU generators use its low 32 bits: one per step
+        return torch.rand((count, self.hparams.num_negatives), device=device, dtype=torch.float64, generator=self._generator)
+
+    def sample_negatives(self, rows: Tensor, draw: Tensor) -> Tensor:
         """(B, K) bank rows drawn uniformly, with replacement, from samples other than each positive
-        (of another class with negatives='other-class')."""
-        shape = (rows.shape[0], self.hparams.num_negatives)
-        draw = torch.rand(shape, device=rows.device, dtype=torch.float64)
+        (of another class with negatives='other-class'), from the uniform draws ``draw`` (B, K)."""
         n = self.memory_student.shape[0]
         if self.hparams.negatives == "any":  # uniform over the n - 1 other rows
             pick = (draw * (n - 1)).long().clamp_(max=n - 2)
@@ -137,23 +154,33 @@ class CRD(Distiller):
         pick = (draw * (n - count)).long().clamp_(max=n - count - 1)  # a position among rows of other classes
         return self.rows_by_class[pick + (pick >= start).long() * count]
 
-    def contrast(self, v_student: Tensor, v_teacher: Tensor, rows: Tensor, negatives: Tensor) -> Tensor:
-        """The CRD loss for unit embeddings of one batch; then the memory update of its rows."""
+    def contrast(self, v_student: Tensor, v_teacher: Tensor, rows: Tensor, negatives: Tensor,
+                 batch_rows: Tensor | None = None) -> Tensor:
+        """The CRD loss for unit embeddings of one batch; then the memory update of its rows. Under DDP
+        ``batch_rows`` are the rows of the whole global batch (every process's, in rank order; gathered when not given)."""
         h, n = self.hparams, self.memory_student.shape[0]
+        dist = distributed.current()
         candidates = torch.cat([rows[:, None], negatives], 1)  # positive first
         # the student anchor is scored against the teacher's bank and the teacher anchor against the student's;
         # one (B, n) product then a gather: far less memory than gathering (B, 1 + K, dim) bank rows
         score_student = torch.exp((v_student @ self.memory_teacher.T).gather(1, candidates) / h.nce_temperature)
         score_teacher = torch.exp((v_teacher @ self.memory_student.T).gather(1, candidates) / h.nce_temperature)
-        with torch.no_grad():  # Z: mean score of the first batch times the bank size, then fixed
-            first = torch.stack([score_student.mean(), score_teacher.mean()]) * n
-            self.normalizers.copy_(torch.where(self.normalizers < 0, first, self.normalizers))
+        if not self._normalizers_set:  # one check (and one device sync) per run
+            if bool((self.normalizers < 0).any()):  # the first step: Z is the mean score of the (global) batch times n
+                with torch.no_grad():
+                    sums = torch.stack([score_student.double().sum(), score_teacher.double().sum(),
+                                        torch.tensor(score_student.numel(), dtype=torch.float64, device=rows.device)])
+                    sums = distributed.all_reduce_sum(sums, dist)
+                    self.normalizers.copy_(sums[:2] / sums[2] * n)
+            self._normalizers_set = True
         loss = nce_loss(score_student / self.normalizers[0], n) + nce_loss(score_teacher / self.normalizers[1], n)
-        with torch.no_grad():  # out of place: autograd keeps the old banks for the backward pass
-            for name, new in (("memory_student", v_student), ("memory_teacher", v_teacher)):
-                bank = getattr(self, name)
-                updated = F.normalize(bank[rows] * h.momentum + new.detach() * (1 - h.momentum), dim=1)
-                setattr(self, name, bank.index_copy(0, rows, updated))
+        with torch.no_grad():  # every process updates its banks with the whole global batch
+            embeddings = torch.cat(distributed.all_gather(torch.cat([v_student, v_teacher], 1).detach(), dist))
+            batch_rows = torch.cat(distributed.all_gather(rows, dist)) if batch_rows is None else batch_rows
+            for name, new in (("memory_student", embeddings[:, :h.feature_dim]), ("memory_teacher", embeddings[:, h.feature_dim:])):
+                bank = getattr(self, name)  # out of place: autograd keeps the old banks for the backward pass
+                updated = F.normalize(bank[batch_rows] * h.momentum + new * (1 - h.momentum), dim=1)
+                setattr(self, name, bank.index_copy(0, batch_rows, updated))
         return loss
 
     def forward(self, images, labels, step):
@@ -161,10 +188,16 @@ class CRD(Distiller):
         student = self.student.forward_features(images)
         h = self.hparams
         rows = self.bank_rows(step.indices)
+        # under DDP: the global batch's rows, and where this process's slice lies in it
+        dist = distributed.current()
+        slices = distributed.all_gather(rows, dist)
+        start = sum(len(part) for part in slices[:dist.rank])
+        batch_rows = torch.cat(slices)
+        draw = self.negative_draws(step.step, len(batch_rows), rows.device)[start:start + len(rows)]
         with torch.autocast(images.device.type, enabled=False):  # exp(cos / 0.07) wants float32
             v_student = self.embed_student(student.pooled.float())
             v_teacher = self.embed_teacher(teacher.pooled.float())
-            crd = self.contrast(v_student, v_teacher, rows, self.sample_negatives(rows))
+            crd = self.contrast(v_student, v_teacher, rows, self.sample_negatives(rows, draw), batch_rows)
         losses = {}
         if h.ce_weight > 0:
             losses["ce"] = h.ce_weight * F.cross_entropy(student.logits, labels)
