@@ -3,22 +3,19 @@ file, CMYK and grey images, an empty class folder, classes missing from one spli
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 import gapkd
+from gapkd import testing
 from gapkd.cli import main
-from gapkd.data import load_dataset
 from gapkd.config import DataConfig
+from gapkd.data import load_dataset
 from gapkd.data.streaming import tolerate_layout_problems
 from gapkd.errors import DataError
 
 
 def write_image(path: Path, seed: int, size=(20, 16), mode="RGB") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path)
+    testing.write_image(path, seed, size, mode)
 
 
 def clean_tree(root: Path, classes=("cat", "dog", "owl"), train=3, val=2) -> Path:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import gapkd.api
+from gapkd import testing
 from gapkd.config import DataConfig, build_config
 from gapkd.data import FolderData, build_data, load_dataset
 from gapkd.data.loader import Normalizer
@@ -21,9 +22,7 @@ CPU = torch.device("cpu")
 
 
 def write_image(path: Path, seed: int, size=(40, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, quality=95)
+    testing.write_image(path, seed, size, quality=95)
 
 
 def imagenet_tree(root: Path, classes=("n03", "n01", "n02"), train=5, val=2) -> Path:
