@@ -158,11 +158,6 @@ def conventional_loop(cfg, data: ImageData, device: torch.device, workers: int) 
     return (time.perf_counter() - started) / seen
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", nargs="+", default=["resnet56:resnet20", "resnet32x4:resnet8x4"], help="teacher:student")

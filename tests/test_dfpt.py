@@ -1,5 +1,4 @@
 """DFPT-KD and DFPT-KD+ (docs/dfpt-kd.md): the must-hold properties of gapkd issue 5."""
-import copy
 import json
 import math
 from pathlib import Path
