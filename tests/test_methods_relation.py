@@ -302,6 +302,25 @@ def test_kdsvd_refuses_pairs_whose_stages_cannot_be_aligned():
     METHODS.get("kdsvd")(*_models("resnet8", "resnet8x4"), task=TASK16, layout="mdistiller")  # equal widths: fine
 
 
+@pytest.mark.parametrize("loss", ["sp.similarity_preserving_loss", "pkt.pkt_loss", "rkd.rkd_distance_loss", "rkd.rkd_angle_loss",
+                                  "nst.nst_loss", "cc.repdistiller_correlation_loss", "cc.gaussian_correlation_loss"])
+def test_relation_losses_compute_in_float32_under_bf16_autocast(loss):
+    """Autocast would run their matmuls in bf16, which rounds away the small differences they compare
+    (measured before the fix: RKD's distance term 9.04 instead of 3.18, PKT's 0.95 instead of 0.0072)."""
+    import importlib
+
+    module, name = loss.split(".")
+    fn = getattr(importlib.import_module(f"gapkd.methods.{module}"), name)
+    extra = (0.4, 2) if "gaussian" in name else ()
+    torch.manual_seed(0)
+    shape = (16, 8, 4, 4) if module in ("sp", "nst") else (16, 32)
+    s, t = torch.rand(shape) + 1, torch.rand(shape) + 1  # positive, like post-ReLU features: similarities near 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = fn(s.bfloat16(), t.bfloat16(), *extra)
+    full = fn(s.bfloat16().float(), t.bfloat16().float(), *extra)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(full.item(), rel=1e-5)
+
+
 # ---------------------------------------------------------------- the methods on real models
 def _models(student="resnet8", teacher="resnet8x4"):
     torch.manual_seed(0)

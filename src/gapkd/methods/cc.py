@@ -26,8 +26,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
+from .losses import in_float32
 
 
+@in_float32
 def repdistiller_correlation_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
     """mean over i < B-1 of sum_d |e_S - e_T|_{i,d} * |e_S - e_T|_{i+1,d}."""
     delta = (student_embedding.float() - teacher_embedding.float()).abs()
@@ -41,6 +43,7 @@ def taylor_gaussian_correlation(embedding: Tensor, gamma: float, order: int) -> 
     return sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * cosine.pow(p) for p in range(order + 1))
 
 
+@in_float32
 def gaussian_correlation_loss(student_embedding: Tensor, teacher_embedding: Tensor, gamma: float, order: int) -> Tensor:
     """Mean squared difference of the two (B, B) Taylor-Gaussian correlation matrices."""
     return F.mse_loss(taylor_gaussian_correlation(student_embedding, gamma, order),

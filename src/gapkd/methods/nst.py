@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
-from .losses import match_spatial
+from .losses import in_float32, match_spatial
 from .pairing import shared_stage_count
 
 
@@ -25,6 +25,7 @@ def polynomial_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b.transpose(1, 2)).pow(2).mean()
 
 
+@in_float32
 def nst_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """Squared MMD with the kernel (x . y)^2 between the normalised channel maps of one stage pair."""
     student_feature, teacher_feature = match_spatial(student_feature.float(), teacher_feature.float())

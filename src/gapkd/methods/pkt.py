@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import Distiller, StepOutput, hparams, register_method
+from .losses import in_float32
 
 
 def batch_similarity_distribution(feature: Tensor, eps: float) -> Tensor:
@@ -26,6 +27,7 @@ def batch_similarity_distribution(feature: Tensor, eps: float) -> Tensor:
     return similarity / similarity.sum(dim=1, keepdim=True)
 
 
+@in_float32
 def pkt_loss(student_feature: Tensor, teacher_feature: Tensor, eps: float = 1e-7) -> Tensor:
     """mean over (i, j) of p_T[i, j] * log((p_T[i, j] + eps) / (p_S[i, j] + eps))."""
     p_s = batch_similarity_distribution(student_feature, eps)

@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import Distiller, StepOutput, hparams, register_method
+from .losses import in_float32
 
 
 def pairwise_distances(x: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
@@ -28,6 +29,7 @@ def pairwise_distances(x: Tensor, squared: bool = False, eps: float = 1e-12) -> 
     return distances * (1 - torch.eye(len(x), device=x.device, dtype=x.dtype))
 
 
+@in_float32
 def rkd_distance_loss(student_feature: Tensor, teacher_feature: Tensor, squared: bool = False, eps: float = 1e-12) -> Tensor:
     """smooth_l1(d_S / mean(d_S > 0), d_T / mean(d_T > 0)) over all (i, j)."""
     def normalised(feature):
@@ -45,6 +47,7 @@ def triplet_cosines(x: Tensor) -> Tensor:
     return torch.bmm(differences, differences.transpose(1, 2)).flatten()
 
 
+@in_float32
 def rkd_angle_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     with torch.no_grad():
         target = triplet_cosines(teacher_feature.float().flatten(1))

@@ -16,9 +16,11 @@ from pydantic import Field
 from torch import Tensor
 
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
+from .losses import in_float32
 from .pairing import resolve_stage
 
 
+@in_float32
 def similarity_preserving_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """||normalise_rows(F_T F_T^T) - normalise_rows(F_S F_S^T)||_F^2 / B^2 for (B, ...) activations."""
     batch = student_feature.shape[0]
