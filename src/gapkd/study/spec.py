@@ -187,7 +187,7 @@ def builtin_studies() -> list[str]:
 
 
 def read_study(source: str | Path) -> dict[str, Any]:
-    """A study's raw mapping from a YAML path or a built-in name (capacity-cifar10, gap-ladder)."""
+    """A study's raw mapping from a YAML path or a built-in name (capacity-ladder-cpu, capacity-cifar10, gap-ladder)."""
     path = Path(source).expanduser()
     if path.is_file():
         return read_yaml(path)
