@@ -469,3 +469,17 @@ def test_every_recipe_of_a_pair_builds_its_distiller(pair):
     for cfg in configs:
         assert cfg.data.name == "cifar100" and cfg.train.epochs == 240
         METHODS.get(cfg.method.name)(student, teacher, task=task, **cfg.method.hparams)
+
+
+def test_evidence_seeds_prints_mean_and_sample_std_over_the_seeds_found(tmp_path):
+    import subprocess
+    import sys
+
+    for seed, (test, val) in enumerate([(40.0, 41.0), (44.0, 45.0), (42.0, 49.0)]):
+        run_dir = tmp_path / f"sp_resnet56-resnet20_s{seed}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"test_acc_at_best_val": test, "best_val_acc": val}))
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "evidence_seeds.py"), "--out-dir", str(tmp_path),
+                          "--methods", "sp", "kd"], check=True, capture_output=True, text=True).stdout
+    assert "| sp | 0 1 2 | 42.00 ± 2.00 | 45.00 ± 4.00 |" in out
+    assert "| kd | none finished |" in out
