@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config

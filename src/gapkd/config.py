@@ -15,8 +15,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, suggest
-from .plugins import import_plugins, plugin_list, with_command_line_plugins
+from .core.errors import ConfigError, suggest
+from .core.plugins import import_plugins, plugin_list, with_command_line_plugins
 
 
 class _Strict(BaseModel):

@@ -10,7 +10,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 #: Decorator for a method's hyper-parameter dataclass: validated, unknown keys refused.
 hparams = pydantic_dataclass(config=ConfigDict(extra="forbid"))

@@ -23,8 +23,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import RunConfig, _format_errors, build_config, merge, omit_later_defaults, read_yaml
-from ..errors import ConfigError, suggest
-from ..plugins import import_plugins, plugin_list
+from ..core.errors import ConfigError, suggest
+from ..core.plugins import import_plugins, plugin_list
 
 #: The stand-in for a teacher checkpoint inside a planned student config; the runner replaces
 #: it with the path of that teacher run's best checkpoint (so the run key is location-free).
