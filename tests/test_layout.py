@@ -130,3 +130,12 @@ def test_ruff_is_clean():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "benchmarks", "configs"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_hyper_parameter_has_its_docstring():
+    """One documentation style for hyper-parameters: a one-line docstring under each field, which
+    `gapkd list methods -v` prints."""
+    from gapkd.methods import METHODS
+
+    missing = [f"{name}.{key}" for name in METHODS.names() for key, doc in METHODS.get(name).hparam_docs().items() if not doc]
+    assert missing == []

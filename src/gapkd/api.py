@@ -273,7 +273,7 @@ def check_data(data: DataConfig | dict | list[str] | None = None, *, workers: in
         with its error), ``converted_to_rgb`` (counts per mode, not errors), ``smallest``); for decoded
         data ``image_shape`` and ``label_range``; ``problems`` (one line each, with the fix) and ``ok``.
         Layout errors that stop the listing itself (no ``train/``, a missing file) raise
-        :class:`~gapkd.errors.DataError` as a run would.
+        :class:`~gapkd.core.errors.DataError` as a run would.
     """
     from .data.check import check_dataset
 

@@ -1,4 +1,4 @@
-"""What every `gapkd` command shares: --plugin, the recipe/overrides arguments, and run.* spellings."""
+"""What every `gapkd` command shares: --plugin and the recipe/overrides arguments."""
 from __future__ import annotations
 
 import argparse
@@ -22,12 +22,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def command_overrides(args) -> list[str]:
-    overrides = []
-    for item in args.overrides:
-        # "run.name=x" and "run.out_dir=y" are friendlier spellings of the top-level keys
-        if item.startswith("run."):
-            item = item[len("run."):]
-        overrides.append(item)
+    """The command's key=value overrides, with ``--data-root`` as ``data.root`` (``run.name=x`` is the config's own run section)."""
+    overrides = list(args.overrides)
     if getattr(args, "data_root", None):
         overrides.append(f"data.root={args.data_root}")
     return overrides

@@ -338,6 +338,10 @@ def _list(args) -> int:
         for name in METHODS.names():
             cls = METHODS.get(name)
             print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
+            if args.verbose:
+                docs = cls.hparam_docs()
+                for key, default in cls.hparam_defaults().items():
+                    print(f"    {key} = {default!r}" + (f"  # {docs[key]}" if docs[key] else ""))
     else:
         if args.what == "pipelines":
             from ..pipelines import PIPELINES as registry

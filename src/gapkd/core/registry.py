@@ -1,7 +1,7 @@
 """One small generic registry: name -> factory, with case-insensitive aliases and
 "did you mean" errors. Models, methods, datasets and pipelines each own one instance. A name
 that is not there, and listing a registry, first import installed plugins
-(:func:`gapkd.plugins.load_entry_points`), once per process."""
+(:func:`gapkd.core.plugins.load_entry_points`), once per process."""
 from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar

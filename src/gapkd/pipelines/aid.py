@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import run
 from ..build import build_model, load_model
-from ..config import RunConfig, _format_errors, build_config, merge, parse_overrides, read_yaml, validate_hparams
+from ..config import RunConfig, _format_errors, build_config, lift_run_section, merge, parse_overrides, read_yaml, validate_hparams
 from ..core.errors import ConfigError, suggest
 from ..core.io import atomic_write_text
 from ..core.rundir import RunDir
@@ -63,9 +63,9 @@ def parse_aid_config(config: str | os.PathLike | None = None, overrides: list[st
     the aid-adapt hyper-parameters (all validated before anything runs)."""
     tree: dict[str, Any] = {"method": {"name": "kd"}}
     if config is not None:
-        tree = merge(tree, read_yaml(config))
+        tree = merge(tree, lift_run_section(read_yaml(config)))
     if overrides:
-        tree = merge(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        tree = merge(tree, lift_run_section(parse_overrides(overrides) if isinstance(overrides, list) else overrides))
     section = tree.pop("aid", None) or {}
     if not isinstance(section, dict):
         raise ConfigError("aid: must be a mapping of AID options (for example aid.beta=1).")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import api
-from ..config import RunConfig, _format_errors, build_config, merge, parse_overrides, read_yaml
+from ..config import RunConfig, _format_errors, build_config, lift_run_section, merge, parse_overrides, read_yaml
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_text
 from ..core.rundir import RunDir
@@ -25,9 +25,9 @@ SUMMARY_FILE = "pipeline.json"
 def load_recipe(kind: str, options_model: type[BaseModel], config=None, overrides=None, **options: Any) -> tuple[dict, BaseModel]:
     """The recipe as a plain tree (YAML <- overrides) and the pipeline's validated options, taken
     from the tree's ``kind`` section with keyword ``options`` (those not None) on top."""
-    tree = read_yaml(config) if config is not None else {}
+    tree = lift_run_section(read_yaml(config)) if config is not None else {}
     if overrides:
-        tree = merge(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        tree = merge(tree, lift_run_section(parse_overrides(overrides) if isinstance(overrides, list) else overrides))
     section = tree.pop(kind, None) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{kind} must be a mapping of {kind} options ({', '.join(options_model.model_fields)}).")

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import RunConfig, _format_errors, build_config, merge, omit_later_defaults, read_yaml
+from ..config import RunConfig, _format_errors, build_config, identity_payload, merge, read_yaml
 from ..core.errors import ConfigError, suggest
 from ..core.plugins import import_plugins, plugin_list
 
@@ -30,7 +30,7 @@ from ..core.plugins import import_plugins, plugin_list
 #: it with the path of that teacher run's best checkpoint (so the run key is location-free).
 TEACHER_CHECKPOINT_PREFIX = "study-teacher:"
 #: Run-config sections the axes own; a study's base/teacher_config/student_config may not set them.
-AXIS_KEYS = ("student", "teacher", "method", "seed", "name", "out_dir")
+AXIS_KEYS = ("student", "teacher", "method", "seed", "name", "out_dir", "run")
 
 
 class _Strict(BaseModel):
@@ -184,11 +184,8 @@ def resolve_study(source: str | Path | dict[str, Any], budget: Optional[str] = N
 def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None) -> str:
     """What identifies a run across machines: its role and config, without where files are written or
     read from. (The role keeps a teacher apart from a from-scratch student that happens to share its config.)"""
-    payload = omit_later_defaults(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
+    payload = identity_payload(cfg, "study_key")  # the fields' own marks (gapkd.config.identity)
     payload["role"] = role
-    payload["data"].pop("root", None)
-    for key in ("log_every", "threads"):
-        payload["train"].pop(key, None)
     if pipeline:
         payload["pipeline"] = pipeline
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
