@@ -139,3 +139,17 @@ def test_every_hyper_parameter_has_its_docstring():
 
     missing = [f"{name}.{key}" for name in METHODS.names() for key, doc in METHODS.get(name).hparam_docs().items() if not doc]
     assert missing == []
+
+
+def test_recipes_named_in_help_and_docs_exist():
+    """Every configs/...yaml the CLI's help, README or docs name is a file (placeholders like <method> aside)."""
+    import re
+
+    texts = [*(SRC / "cli").glob("*.py"), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    named = {match for path in texts for match in re.findall(r"configs/[\w./+-]+\.yaml", path.read_text())}
+    assert named and sorted(name for name in named if not (ROOT / name).is_file()) == []
+
+
+def test_user_facing_text_never_points_at_the_projects_shared_folder():
+    texts = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *SRC.rglob("*.py")]
+    assert [str(path) for path in texts if "../shared" in path.read_text() or "shared/specs" in path.read_text()] == []

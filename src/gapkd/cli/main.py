@@ -15,9 +15,9 @@ from .common import plugin_option
 EXAMPLES = {
     "train": """
         examples:
-          gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz \\
+          gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz \\
               data.train_subset=2000 train.epochs=1 run.name=teacher-r56
-          gapkd train -c configs/cifar100/resnet56.yaml train.epochs=240
+          gapkd train -c configs/cifar100/teachers/resnet56.yaml train.epochs=240
           gapkd train -c configs/cub200/teachers/resnet34.yaml optim.lr=0.01 \\
               student.checkpoint=weights/resnet34-b627a593.pth student.init_head=reset   # ImageNet weights, fresh 200-class head
     """,
@@ -50,6 +50,7 @@ EXAMPLES = {
           gapkd export runs/simkd-r20 --format torchscript --checkpoint last --out simkd.pt
     """,
     "aid": """
+        The same as `gapkd pipeline aid` (kept as a shorter spelling).
         AID is our reading of the published abstract of Qian, Le & Harandi, "A Good Teacher Adapts
         Their Knowledge for Distillation" (ICCV 2025); the paper's formulas and code are not public.
         Stages (each a run folder inside the pipeline folder; finished ones are skipped, interrupted
@@ -75,7 +76,7 @@ EXAMPLES = {
         examples:
           gapkd data check data.name=imagenet data.path=/data/imagenet --workers 16 --json imagenet-check.json
           gapkd data check data.name=image-folder-stream data.path=/data/my-tree --limit 2000   # a quick random sample
-          gapkd data check data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz
+          gapkd data check data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz
     """,
     "list": """
         examples:
@@ -314,11 +315,9 @@ def _data(args) -> int:
 
 
 def _aid(args) -> int:
-    from ..pipelines.aid import aid
-
-    summary = aid(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
-    print(json.dumps({k: summary[k] for k in ("dir", "student_best_val_acc", "student_test_acc_at_best_val", "student_checkpoint")}, indent=2))
-    return 0
+    """`gapkd aid ...` is `gapkd pipeline aid ...`: one pipeline, one handler."""
+    args.kind = "aid"
+    return _pipeline(args)
 
 
 def _list(args) -> int:

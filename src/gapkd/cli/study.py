@@ -9,7 +9,7 @@ EXAMPLES = {
     "run": """
         examples:
           gapkd study run capacity-cifar10 --budget smoke               # seconds, on digits
-          gapkd study run capacity-cifar10 --budget cpu data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz
+          gapkd study run capacity-cifar10 --budget cpu data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz
           gapkd study run gap-ladder --budget full --phase teachers --shard 2/8 --dir /shared/studies/ladder
           gapkd study run my-study.yaml --budget short --dry-run        # list this shard's runs and stop
     """,
