@@ -27,9 +27,10 @@ class _Strict(BaseModel):
 #: ``run_hash`` (:meth:`RunConfig.hparams_hash`: a run directory's config hash, which resume and the
 #: default run name check) and ``study_key`` (:func:`gapkd.study.run_key`: a study run across machines).
 #: Each is "always" (the default: the value changes the result), "never" (where files go, what is
-#: logged: not part of the run) or "when-set" (added after runs existed: hashed only when it differs
-#: from its default, so every earlier run keeps its hash).
-IDENTITY_MARKS = ("always", "never", "when-set")
+#: logged: not part of the run), "when-set" (added after runs existed: hashed only when it differs
+#: from its default, so every earlier run keeps its hash) or "file-name" (a path hashed by its file
+#: name alone: where a file lies on one machine is not part of the run).
+IDENTITY_MARKS = ("always", "never", "when-set", "file-name")
 
 
 def identity(run_hash: str = "always", study_key: str = "always") -> dict[str, Any]:
@@ -48,7 +49,10 @@ def identity_payload(model: BaseModel, which: str, dumped: dict[str, Any] | None
         if mark == "never" or (mark == "when-set" and dumped[name] == _json(info.get_default(call_default_factory=True))):
             continue
         value = getattr(model, name)
-        payload[name] = identity_payload(value, which, dumped[name]) if isinstance(value, _Strict) else dumped[name]
+        if mark == "file-name" and dumped[name] is not None:
+            payload[name] = Path(dumped[name]).name
+        else:
+            payload[name] = identity_payload(value, which, dumped[name]) if isinstance(value, _Strict) else dumped[name]
     return payload
 
 
@@ -87,7 +91,7 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     name: str = Field("digits", description="dataset name (gapkd list datasets)")
     root: Optional[str] = Field(None, json_schema_extra=identity(study_key="never"), description="data root; default $GAPKD_DATA, then ~/.cache/gapkd/data")
-    path: Optional[str] = Field(None, description="explicit folder or tarball (image-folder datasets)")
+    path: Optional[str] = Field(None, json_schema_extra=identity(study_key="file-name"), description="explicit folder or tarball (image-folder datasets)")
     verify: bool = Field(True, description="check official files against their published checksums")
     download: bool = Field(False, description="download missing official files (needs a network)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for validation (stratified)")
@@ -149,7 +153,12 @@ class ScheduleConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(240, ge=1)
-    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm over ALL trained parameters")
+    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm (of each parameter group, or of all "
+                                       "of them together: train.grad_clip_mode)")
+    grad_clip_mode: Literal["per_group", "global"] = Field(
+        "per_group", json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="per_group: the student and each auxiliary network a method trains (prompt path, "
+        "projector, embedding) are clipped separately, so a large auxiliary gradient cannot shrink the student's update; "
+        "global: one norm over all trained parameters (the same for methods that train only the student)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), off elsewhere")

@@ -23,6 +23,7 @@ from ..core.io import atomic_save, atomic_write_text, remove_stale_temporaries, 
 from ..core.rundir import RunDir
 from ..core.rundir import model_payload as deployable_payload
 from ..methods.base import Distiller, StepInfo
+from .clipping import clip_gradients
 from .optim import build_optimizer, build_scheduler
 from .runlog import MetricsLog, TextLog, progress_bar
 from .runtime import Runtime, autocast_context, cpu_has_native_bf16, resolve_amp, resolve_channels_last, uses_cuda_graphs  # noqa: F401  (kept importable here)
@@ -75,7 +76,7 @@ class _Loop:
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None
-    trained: list = field(default_factory=list)
+    clip_groups: list = field(default_factory=list)  # what train.grad_clip bounds, and whose gradient norms are logged
     check_every_step: bool = True
     config_hash: str = ""
     start_epoch: int = 0
@@ -125,9 +126,9 @@ def _start(distiller: Distiller, data, cfg, run: RunDir, runtime: Runtime, dist:
     loop = _Loop(distiller, distributed.wrap(distiller, dist, runtime.device), cfg, run, runtime, dist, log, echo, loaders,
                  data.val is not None)
     groups = distiller.param_groups()
-    loop.trained = [p for g in groups for p in g["params"] if p.requires_grad]
+    loop.clip_groups = distiller.clip_groups()
     loop.optimizer = build_optimizer(groups, cfg.optim)
-    loop.scheduler = build_scheduler(loop.optimizer, cfg.schedule, loop.epochs, loop.steps_per_epoch, cfg.optim.lr)
+    loop.scheduler = build_scheduler(loop.optimizer, cfg.schedule, loop.epochs, loop.steps_per_epoch, cfg.optim.lr, groups)
     loop.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype is torch.float16)
     loop.check_every_step = runtime.device.type == "cpu" or cfg.train.nonfinite == "skip"
     loop.config_hash = cfg.hparams_hash()
@@ -167,6 +168,7 @@ class _EpochStats:
     losses: dict
     train_acc: float
     seconds: float
+    grad_stats: dict  # per clip group: mean gradient norm and clip factor over the epoch's steps
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
@@ -177,12 +179,14 @@ def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
     loop.distiller.train()
     started = time.perf_counter()
     sums: dict[str, torch.Tensor] = {}
+    grad_sums = torch.zeros(2, len(loop.clip_groups), device=device)  # per group: norm, clip factor
     correct = torch.zeros((), device=device)
     seen = done_steps = 0
     bar = progress_bar(loop.steps_per_epoch, f"epoch {epoch + 1}/{loop.epochs}", loop.echo)
     for index, batch in enumerate(loop.loaders[0].epoch(epoch)):
-        out, loss = _train_step(loop, epoch, epoch * loop.steps_per_epoch + index, batch)
+        out, loss, grad = _train_step(loop, epoch, epoch * loop.steps_per_epoch + index, batch)
         if out is not None:
+            grad_sums += grad
             for name, value in out.losses.items():
                 value = value.detach().float()
                 if batch.weight != 1.0:  # a slice of an uneven last global batch (DDP)
@@ -203,6 +207,11 @@ def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
         correct, seen = reduced[-2], int(reduced[-1])
         distributed.sync_buffers(loop.distiller, dist)
     losses = {name: float(value) / max(done_steps, 1) for name, value in sums.items()}
+    grad_means = (grad_sums / max(done_steps, 1)).tolist()
+    grad_stats = {
+        **{f"grad_norm/{name}": value for (name, _), value in zip(loop.clip_groups, grad_means[0])},
+        **{f"clip_factor/{name}": value for (name, _), value in zip(loop.clip_groups, grad_means[1])},
+    }
     if not loop.check_every_step:
         bad = _nonfinite_term({k: torch.tensor(v) for k, v in losses.items()}, None)
         if bad is not None:
@@ -211,12 +220,13 @@ def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     loop.train_seconds += seconds
-    return _EpochStats(losses, 100.0 * float(correct) / max(seen, 1), seconds)
+    return _EpochStats(losses, 100.0 * float(correct) / max(seen, 1), seconds, grad_stats)
 
 
 def _train_step(loop: _Loop, epoch: int, step: int, batch):
     """One optimiser step: forward under autocast, backward, clipping, the non-finite check, the
-    update. Returns the step's output and loss, or (None, None) for a skipped step (train.nonfinite=skip)."""
+    update. Returns the step's output, its loss and the stacked (gradient norms, clip factors) of the clip
+    groups, or (None, None, None) for a skipped step (train.nonfinite=skip)."""
     cfg, optimizer, scaler = loop.cfg, loop.optimizer, loop.scaler
     info = StepInfo(epoch, step, loop.epochs, loop.steps_per_epoch, batch.indices)
     if loop.runtime.cuda_graphs:
@@ -226,10 +236,9 @@ def _train_step(loop: _Loop, epoch: int, step: int, batch):
     loss = sum(out.losses.values())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss * batch.weight if batch.weight != 1.0 else loss).backward()
-    grad_norm = None
-    if cfg.train.grad_clip is not None:
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(loop.trained, cfg.train.grad_clip)
+    scaler.unscale_(optimizer)  # a no-op without fp16 loss scaling
+    norms, factors = clip_gradients(loop.clip_groups, cfg.train.grad_clip, cfg.train.grad_clip_mode)
+    grad_norm = norms.sum() if cfg.train.grad_clip is not None else None
     if loop.check_every_step:
         bad = _nonfinite_term(out.losses, grad_norm)
         if distributed.any_process(bad is not None, loop.dist, loop.runtime.device):  # every process takes the same branch
@@ -240,11 +249,11 @@ def _train_step(loop: _Loop, epoch: int, step: int, batch):
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
             loop.scheduler.step()
-            return None, None
+            return None, None, None
     scaler.step(optimizer)
     scaler.update()
     loop.scheduler.step()
-    return out, loss
+    return out, loss, torch.stack([norms, factors])
 
 
 def _evaluate_epoch(loop: _Loop, epoch: int, stats: _EpochStats, on_epoch) -> tuple[dict, dict, Optional[float]]:
@@ -261,6 +270,7 @@ def _evaluate_epoch(loop: _Loop, epoch: int, stats: _EpochStats, on_epoch) -> tu
         "train_loss": sum(stats.losses.values()),
         **{f"loss/{k}": v for k, v in stats.losses.items()},
         "train_acc": stats.train_acc,
+        **stats.grad_stats,
         **{f"val_acc/{k}": v for k, v in val.items()},
         **{f"test_acc/{k}": v for k, v in test.items()},
         "val_acc": val.get("student"),
