@@ -7,7 +7,7 @@ has; pairing the first ``min(len(student), len(teacher))`` stages gives the refe
 pairing on every standard CIFAR pair (resnet32x4 -> ShuffleV2: 3, vgg13 -> MobileNetV2: 4)."""
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 
 def shared_stage_count(student_stages, teacher_stages, method: str) -> int:
