@@ -386,6 +386,32 @@ def test_pipeline_end_to_end(digits_teacher):
     assert json.loads(open(f"{root}/aid_summary.json").read())["student_checkpoint"].endswith("3-distill/checkpoints/best.pt")
 
 
+def test_adaptation_moves_l_inner_with_the_defaults_and_barely_as_written(tmp_path):
+    """All of digits, a resnet14 teacher trained for 3 epochs, the pipeline at its defaults (1 adaptation epoch
+    at lr/10): L_inner(T ‖ S_ref) on the validation split falls by a clear margin; the loss as written before
+    (no τ², batch means; its adaptation stage only) barely moves it."""
+    from gapkd.api import run
+    from gapkd.config import build_config
+    from gapkd.pipeline_aid import adaptation_check, adapted_teacher_report, aid, parse_aid_config, pipeline_dir_for, stage_configs
+
+    base = {"out_dir": str(tmp_path), "data": {"name": "digits", "batch_size": 32, "augment": {"crop_padding": 1, "flip": False}},
+            "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 3, "device": "cpu", "amp": "off", "log_every": 1000}}
+    run(build_config(base, overrides={"name": "teacher", "student": {"name": "resnet14"}}), echo=False)
+    common = {**base, "student": {"name": "resnet8"}, "teacher": {"name": "resnet14", "checkpoint": str(tmp_path / "teacher/checkpoints/best.pt")}}
+    # 143 validation images: one image is 0.7 points, so the tolerance here allows a few
+    new = aid(overrides={**common, "name": "defaults", "aid": {"max_teacher_drop": 3.0}}, echo=False)["adaptation"]
+    reference = str(tmp_path / "defaults/1-reference/checkpoints/best.pt")  # the same S_ref for both
+    cfg, options, hyper = parse_aid_config(overrides={**common, "name": "as-written", "aid": {
+        "temperature_scaling": False, "class_means": "batch", "reference_checkpoint": reference}})
+    pipeline_dir = pipeline_dir_for(cfg, options, hyper)
+    adapt = stage_configs(cfg, options, hyper, pipeline_dir)["adapt"]
+    run(adapt, echo=False)
+    old = adaptation_check(adapted_teacher_report(adapt, pipeline_dir, None), options)
+    assert new["within_tolerance"] and new["inner_change_percent"] < -10, new["message"]
+    assert abs(old["inner_change_percent"]) < 5, old["message"]
+    assert new["inner_before"] == pytest.approx(old["inner_before"], rel=1e-9)  # same T0, same S_ref, same split
+
+
 def test_pipeline_resumes_and_skips_finished_stages(digits_teacher, monkeypatch):
     import gapkd.api as api
     import gapkd.engine.trainer as trainer

@@ -7,7 +7,8 @@ not public. See docs/aid.md.
 A pipeline is described by an ordinary distillation config (student, teacher with its
 checkpoint T0, method kd | dkd | dist | ..., optim, schedule, train) plus an ``aid:`` section:
 the pipeline's own keys (:class:`AIDOptions`) and the ``aid-adapt`` method's hyper-parameters
-(temperature, beta, gamma, ce_weight, temperature_scaling, reference_checkpoint, reference_model).
+(temperature, beta, gamma, ce_weight, temperature_scaling, class_means, running_decay,
+reference_checkpoint, reference_model).
 
 Stages, each one ordinary run (``gapkd.api.run``) in its own folder of the pipeline folder, so
 a finished stage is skipped and an interrupted one resumes:
@@ -15,7 +16,9 @@ a finished stage is skipped and an interrupted one resumes:
                ``ref_epochs`` (skipped when ``aid.reference_checkpoint`` is given);
   2-adapt      the teacher fine-tuned with method aid-adapt from T0 for ``adapt_epochs`` at
                ``adapt_lr``; its best-validation checkpoint is the adapted teacher, and
-               adapted_teacher_report.json / .md compare it with T0;
+               adapted_teacher_report.json / .md compare it with T0; the pipeline prints how
+               L_inner and the teacher's validation accuracy moved, and stops (or warns, with
+               ``on_teacher_drop=warn``) when that accuracy fell by more than ``max_teacher_drop``;
   3-distill    the configured method, distilling the student from the adapted teacher.
 """
 from __future__ import annotations
