@@ -120,7 +120,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
     groups = distiller.param_groups()
     clip_groups = distiller.clip_groups()  # what train.grad_clip bounds, and whose gradient norms are logged
     optimizer = build_optimizer(groups, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, epochs, steps_per_epoch, cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, cfg.schedule, epochs, steps_per_epoch, cfg.optim.lr, groups)
     amp_ctx, amp_dtype = autocast_context(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     check_every_step = device.type == "cpu" or cfg.train.nonfinite == "skip"
