@@ -5,7 +5,7 @@ accuracy; with --distill, also the student's best validation accuracy after KD f
 (and from T0). Test accuracy is never printed here: the runs record it, the choice must not look at it.
 
     python benchmarks/evidence_aid_tune.py --teacher resnet20 --teacher-checkpoint T0.pt --student resnet8 \\
-        --reference-checkpoint S_ref.pt --epochs 8 --seed 100 [--distill NAME ...] [key=value ...]
+        --reference-checkpoint S_ref.pt --epochs 8 --seed 100 [--only NAME]... [--distill NAME]... [key=value ...]
 
 Every stage is an ordinary run folder under --out-dir (run it again to resume or re-print).
 """
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=100, help="the tuning seed (not an evaluation seed)")
     parser.add_argument("--data-path", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/evidence_aid_tune"))
-    parser.add_argument("--only", nargs="*", help="run only these configurations (their names)")
-    parser.add_argument("--distill", nargs="*", default=[], help="configurations whose student to distil too ('T0' = KD from T0)")
+    # repeatable single-value flags: a list flag would swallow the key=value overrides that follow it
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this configuration (repeat the flag for more)")
+    parser.add_argument("--distill", action="append", default=[], metavar="NAME",
+                        help="distil the student from this configuration's teacher too ('T0' = KD from T0; repeatable)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     data = None
