@@ -5,7 +5,7 @@ accuracy; with --distill, also the student's best validation accuracy after KD f
 (and from T0). Test accuracy is never printed here: the runs record it, the choice must not look at it.
 
     python benchmarks/evidence_aid_tune.py --teacher resnet20 --teacher-checkpoint T0.pt --student resnet8 \\
-        --reference-checkpoint S_ref.pt --epochs 8 --seed 100 [--only NAME]... [--distill NAME]... [key=value ...]
+        --reference-checkpoint S_ref.pt --data-path cifar10-jpg-q75.tar.gz --epochs 8 --seed 100 [--only NAME]... [--distill NAME]... [key=value ...]
 
 Every stage is an ordinary run folder under --out-dir (run it again to resume or re-print).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from gapkd.api import run
 from gapkd.config import build_config, merge, parse_overrides
 from gapkd.data import load_dataset
-from gapkd.pipeline_aid import adapted_teacher_report, aid, parse_aid_config, pipeline_dir_for, stage_configs
+from gapkd.pipelines.aid import adapted_teacher_report, aid, parse_aid_config, pipeline_dir_for, stage_configs
 
 #: the configurations tried (aid.* options); "as before" is the pipeline's defaults before issue 16
 CONFIGS = {
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=8, help="the distillation budget (adaptation budgets are fractions of it)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=100, help="the tuning seed (not an evaluation seed)")
-    parser.add_argument("--data-path", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz")
+    parser.add_argument("--data-path", type=Path, required=True, help="the CIFAR-10 JPEG tarball (cifar10-jpg-q75.tar.gz)")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/evidence_aid_tune"))
     # repeatable single-value flags: a list flag would swallow the key=value overrides that follow it
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this configuration (repeat the flag for more)")
