@@ -56,10 +56,13 @@ EXAMPLES = {
         Stages (each a run folder inside the pipeline folder; finished ones are skipped, interrupted
         ones resume): 1-reference (CE student, or aid.reference_checkpoint=PATH), 2-adapt (teacher
         fine-tuned with L_AID = CE + beta*L_inner(T||S_ref) + gamma*L_class(T0||T); writes
-        adapted_teacher_report.json/.md), 3-distill (method.name: kd, dkd, dist, ...).
-        aid.* keys: beta (1), gamma (1), temperature (4), ce_weight (1), temperature_scaling (false),
-        adapt_epochs (10% of train.epochs), adapt_lr (optim.lr/10), adapt_schedule (cosine|constant),
-        ref_epochs (train.epochs), reference_checkpoint, reference_model.
+        adapted_teacher_report.json/.md; prints L_inner and the teacher's validation accuracy before and
+        after, and stops if that accuracy fell by more than aid.max_teacher_drop points), 3-distill
+        (method.name: kd, dkd, dist, ...).
+        aid.* keys: beta (1), gamma (1), temperature (4), ce_weight (1), temperature_scaling (true),
+        class_means (running|batch), running_decay (0.99), adapt_epochs (10% of train.epochs),
+        adapt_lr (optim.lr/10), adapt_schedule (cosine|constant), ref_epochs (train.epochs),
+        max_teacher_drop (1.0), on_teacher_drop (error|warn), reference_checkpoint, reference_model.
 
         examples:
           gapkd aid teacher.name=resnet56 teacher.checkpoint=runs/teacher-r56/checkpoints/best.pt \\
