@@ -284,20 +284,25 @@ EXTRA_PARAMETERS = {"ctkd": "temperature.", "fitnet": "regressor.", "feature-kd"
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_gradients_reach_exactly_the_trained_parameters_and_the_teacher_never_changes(name):
-    from gapkd.config import OptimConfig
-
     student, teacher = _models("resnet8", "resnet8x4")
     method = METHODS.get(name)(student, teacher, task=TASK16)
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trained = {id(p) for g in method.param_groups() for p in g["params"]}
     named = dict(method.named_parameters())
     expected = {n for n in named if n.startswith("student.") or (name in EXTRA_PARAMETERS and n.startswith(EXTRA_PARAMETERS[name]))}
     assert {n for n, p in named.items() if id(p) in trained} == expected
     assert name not in EXTRA_PARAMETERS or any(n.startswith(EXTRA_PARAMETERS[name]) for n in expected)
+    assert_three_steps_train_exactly(method, teacher, expected, *_batch(8))
 
+
+def assert_three_steps_train_exactly(method, teacher, expected: set[str], x, y):
+    """Three optimiser steps: the first step's gradients reach exactly the parameters named in ``expected``
+    (and nothing else), and the teacher stays in eval mode with bit-identical weights and statistics."""
+    from gapkd.config import OptimConfig
+
+    named = dict(method.named_parameters())
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = build_optimizer(method.param_groups(), OptimConfig(lr=0.05, weight_decay=5e-4))
     method.train()
-    x, y = _batch(8)
     for step in range(3):
         out = method(x, y, StepInfo(epoch=step + 5, step=step, epochs=10, steps_per_epoch=1))
         optimizer.zero_grad()

@@ -340,6 +340,9 @@ def _list(args) -> int:
         for name in METHODS.names():
             cls = METHODS.get(name)
             print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
+            if args.verbose and (cls.loss_terms or cls.extra_modules):
+                modules = "; ".join(f"{attr} ({what})" for attr, what in cls.extra_modules.items()) or "none"
+                print(f"    losses: {', '.join(cls.loss_terms) or '?'}; trained modules beside the student: {modules}")
             if args.verbose:
                 docs = cls.hparam_docs()
                 for key, default in cls.hparam_defaults().items():

@@ -86,6 +86,10 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     #: False for methods with per-sample state (memory banks) that DDP would not keep in step across processes
     supports_ddp: ClassVar[bool] = True
+    #: the named loss terms ``forward`` returns (each logged as ``loss/<name>``); ``gapkd list methods -v`` lists them
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    #: trainable modules the method adds beside the student, attribute name -> what it is (listed by ``gapkd list methods -v``)
+    extra_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, task: TaskInfo | None = None, **hyper: Any):
         super().__init__()

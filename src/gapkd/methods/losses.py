@@ -1,6 +1,9 @@
 """Loss functions shared by several methods."""
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,3 +23,16 @@ def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if b.shape[-2:] != (height, width):
         b = F.adaptive_avg_pool2d(b, (height, width))
     return a, b
+
+
+def in_float32(loss):
+    """Decorator: run ``loss`` outside autocast on float32 copies of its tensor arguments. Batch-similarity
+    losses (Gram matrices, pairwise distances, kernels) compare small differences of large sums, which
+    bf16/fp16 matmuls, what autocast would run, round away."""
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return loss(*(a.float() if isinstance(a, Tensor) else a for a in args), **kwargs)
+
+    return wrapper
