@@ -3,6 +3,7 @@ gradients), the pre-ReLU features of the zoo families they use, what each phase 
 and few-epoch digits runs that switch phase and resume across the switch exactly."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,3 +343,43 @@ def test_digits_run_switches_phase_and_resumes_across_the_switch_exactly(method,
         assert changed and all(k.startswith("paraphraser.") for k in changed)
         assert torch.equal(first["paraphraser.encoder.0.weight"], a["paraphraser.encoder.0.weight"])
         assert not torch.equal(first["student.conv1.weight"], a["student.conv1.weight"])
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(p for name in PHASES for folder in ("cifar100", "cifar10/ladder") for p in (REPO / "configs" / folder).glob(f"*/{name}.yaml"))
+
+
+def test_every_standard_pair_and_ladder_rung_has_the_recipes_its_method_supports():
+    by_method = {m: {p.parent.name for p in RECIPES if p.stem == m and "ladder" not in p.parts} for m in PHASES}
+    for method in ("ab", "ofd", "ft"):  # the homogeneous pairs, and RepDistiller's heterogeneous resnet50_cifar -> vgg8
+        assert {"resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "resnet56-resnet20", "vgg13-vgg8", "resnet50_cifar-vgg8"} <= by_method[method]
+    assert {"resnet32x4-shufflev2", "vgg13-mobilenetv2"} <= by_method["ft"]
+    assert by_method["fsp"] == {"resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "resnet56-resnet20", "resnet110-resnet32", "vgg13-vgg8"}
+    ladder = {(p.parent.name, p.stem) for p in RECIPES if "ladder" in p.parts}
+    assert len(ladder) == 6 * 3 + 1  # every rung for AB, FT, OFD; FSP only where the channels match
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.stem}")
+def test_recipe_builds_and_runs_the_initialisation_before_the_published_schedule(path):
+    cfg = build_config(None, path)
+    init = cfg.method.hparams.get("init_epochs", 0)
+    if "ladder" in path.parts:
+        assert cfg.data.name == "cifar10" and cfg.schedule.name == "cosine" and cfg.train.epochs == 100 + init
+    else:
+        assert cfg.train.epochs == 240 + init and list(cfg.schedule.milestones) == [150 + init, 180 + init, 210 + init]
+    assert init == (0 if cfg.method.name == "ofd" else 30)
+    classes = 10 if cfg.data.name == "cifar10" else 100
+    student, teacher = create_model(cfg.student.name, num_classes=classes), create_model(cfg.teacher.name, num_classes=classes)
+    METHODS.get(cfg.method.name)(student, teacher, task=TaskInfo(classes, 3, 32, 100), **cfg.method.hparams)
+
+
+def test_list_methods_verbose_names_the_modules_and_losses(capsys):
+    from gapkd.cli import main
+
+    assert main(["list", "methods", "-v"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name, words in {"ab": ["connectors", "'ab'", "'ce'"], "fsp": ["'fsp'", "'ce'", "No extra modules"],
+                        "ft": ["paraphraser", "translator", "'reconstruction'", "'ft'"], "ofd": ["conv+BN", "'ofd'", "'ce'"]}.items():
+        assert all(word in lines[name] for word in words) and str(METHODS.get(name).hparam_defaults()) in lines[name]
