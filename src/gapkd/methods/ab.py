@@ -58,7 +58,7 @@ def ab_loss(student: list[Tensor], teacher: list[Tensor], margin: float = 1.0, s
 
 @hparams
 class ABHparams:
-    init_epochs: Annotated[int, Field(ge=1, description="epochs of the initialisation phase at the start of the run (RepDistiller: 30)")] = 30
+    init_epochs: Annotated[int, Field(ge=0, description="epochs of the initialisation phase at the start of the run, 0 for none (RepDistiller: 30)")] = 30
     margin: Annotated[float, Field(gt=0, description="activation-boundary margin m (RepDistiller/paper: 1.0)")] = 1.0
     loss_scale: Annotated[float, Field(gt=0, description="scale of the AB loss after dividing by the batch (RepDistiller: 3/1000)")] = 3e-3
     ce_weight: Annotated[float, Field(ge=0, description="cross-entropy weight after the initialisation (RepDistiller: 1)")] = 1.0

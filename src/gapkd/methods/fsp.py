@@ -62,7 +62,7 @@ def fsp_loss(student_maps: list[Tensor], teacher_maps: list[Tensor]) -> Tensor:
 
 @hparams
 class FSPHparams:
-    init_epochs: Annotated[int, Field(ge=1, description="epochs of the initialisation phase at the start of the run (RepDistiller: 30)")] = 30
+    init_epochs: Annotated[int, Field(ge=0, description="epochs of the initialisation phase at the start of the run, 0 for none (RepDistiller: 30)")] = 30
     ce_weight: Annotated[float, Field(ge=0, description="cross-entropy weight after the initialisation (RepDistiller: 1)")] = 1.0
     fsp_weight: Annotated[float, Field(ge=0, description="FSP loss weight after the initialisation (RepDistiller: 0)")] = 0.0
 

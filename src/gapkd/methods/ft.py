@@ -72,7 +72,7 @@ def ft_loss(student_factor: Tensor, teacher_factor: Tensor, p: float = 2.0) -> T
 
 @hparams
 class FTHparams:
-    init_epochs: Annotated[int, Field(ge=1, description="epochs of paraphraser pre-training at the start of the run (RepDistiller: 30)")] = 30
+    init_epochs: Annotated[int, Field(ge=0, description="epochs of paraphraser pre-training at the start of the run, 0 for none (RepDistiller: 30)")] = 30
     beta: Annotated[float, Field(ge=0, description="weight of the factor-transfer loss (RepDistiller CIFAR: 200)")] = 200.0
     ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
     rate: Annotated[float, Field(gt=0, le=1, description="paraphraser factor channels / teacher channels (RepDistiller: 0.5)")] = 0.5
