@@ -383,3 +383,13 @@ def test_list_methods_verbose_names_the_modules_and_losses(capsys):
     for name, words in {"ab": ["connectors", "'ab'", "'ce'"], "fsp": ["'fsp'", "'ce'", "No extra modules"],
                         "ft": ["paraphraser", "translator", "'reconstruction'", "'ft'"], "ofd": ["conv+BN", "'ofd'", "'ce'"]}.items():
         assert all(word in lines[name] for word in words) and str(METHODS.get(name).hparam_defaults()) in lines[name]
+
+
+@pytest.mark.parametrize("method", ["ab", "ft", "fsp"])
+def test_phased_methods_refuse_ddp_with_the_reason(method):
+    from gapkd.engine.distributed import check_supported
+
+    distiller = METHODS.get(method)(create_model("resnet8", num_classes=10), create_model("resnet14", num_classes=10), task=TASK)
+    with pytest.raises(ConfigError, match=f"method {type(distiller).__name__} trains different parameters in its two phases.*single process"):
+        check_supported(distiller)
+    check_supported(METHODS.get("ofd")(create_model("resnet8", num_classes=10), create_model("resnet14", num_classes=10), task=TASK))

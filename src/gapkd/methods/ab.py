@@ -32,6 +32,9 @@ from ..errors import ConfigError
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 from .fitnet import hint_regressor
 
+#: why AB, FT and FSP refuse DDP: parameters without a gradient in a step would stall DDP's reduction
+PHASED_DDP_REASON = ("trains different parameters in its two phases, and DDP (as gapkd wraps it) expects a "
+                     "gradient for every trained parameter in every step")
 PREACT_MODELS = "CIFAR ResNets (resnet8...resnet110, resnet8x4, resnet32x4), torchvision-style ResNets, wrn_*, vgg*"
 
 
@@ -70,6 +73,8 @@ class AB(Distiller):
     """Activation boundaries: the first init_epochs train the student's stages + connectors (conv+BN where shapes differ) on loss 'ab' over pre-ReLU stage outputs; then 'ce' (plus 'ab' if ab_weight > 0)."""
 
     Hparams = ABHparams
+    supports_ddp = False
+    ddp_unsupported_reason = PHASED_DDP_REASON
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)
@@ -97,6 +102,9 @@ class AB(Distiller):
 
     def forward(self, images, labels, step):
         h = self.hparams
+        if not self.in_init(step) and h.ab_weight == 0:  # RepDistiller's second phase: the student and CE alone
+            logits = self.student(images)
+            return StepOutput({"ce": h.ce_weight * F.cross_entropy(logits, labels)}, logits)
         features = self.student.forward_features(images)
         if self.in_init(step):
             return StepOutput({"ab": self.ab(features.preact, images)}, features.logits)

@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..errors import ConfigError
+from .ab import PHASED_DDP_REASON
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 
 
@@ -72,6 +73,8 @@ class FSP(Distiller):
     """Flow of solution procedure: the first init_epochs train the student's stem + stages on loss 'fsp' (FSP matrices of consecutive stage pairs); then 'ce' (plus 'fsp' if fsp_weight > 0). No extra modules."""
 
     Hparams = FSPHparams
+    supports_ddp = False
+    ddp_unsupported_reason = PHASED_DDP_REASON
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from .ab import PHASED_DDP_REASON
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 
 
@@ -85,6 +86,8 @@ class FT(Distiller):
     """Factor transfer: the first init_epochs train only a paraphraser (conv encoder/decoder on the teacher's last stage) on loss 'reconstruction'; then the student + translator (3 conv-BN-LeakyReLU) train on 'ce' + 'ft'."""
 
     Hparams = FTHparams
+    supports_ddp = False
+    ddp_unsupported_reason = PHASED_DDP_REASON
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)
