@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import test_methods_b
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
-from gapkd.engine.checkpoint import safe_load
-from gapkd.errors import ConfigError
+from gapkd.core.errors import ConfigError
+from gapkd.core.io import safe_load
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.methods.ab import ab_loss
 from gapkd.methods.fsp import fsp_loss
 from gapkd.methods.ft import ft_loss
 from gapkd.methods.ofd import ofd_margin, ofd_stage_loss
 from gapkd.models import create_model
-from gapkd.testing import interrupt_after_first_state
-from test_methods_b import digits_teacher  # noqa: F401  (the resnet14 digits teacher fixture)
 
+digits_teacher = test_methods_b.digits_teacher  # the resnet14 digits teacher fixture, shared
 TASK = TaskInfo(num_classes=10, in_channels=3, image_size=16, num_train=8)
 
 
@@ -304,7 +304,8 @@ PHASES = {  # losses logged in epoch 1 (initialisation) and epoch 2
 
 
 @pytest.mark.parametrize("method", sorted(PHASES))
-def test_digits_run_switches_phase_and_resumes_across_the_switch_exactly(method, tiny_overrides, digits_teacher, monkeypatch):
+def test_digits_run_switches_phase_and_resumes_across_the_switch_exactly(method, tiny_overrides, digits_teacher, monkeypatch,
+                                                                        interrupt_after_first_state):
     extra = [] if method == "ofd" else ["method.init_epochs=1"]
     straight = build_config(tiny_overrides, overrides=[f"name={method}", f"method.name={method}", "teacher.name=resnet14",
                                                        f"teacher.checkpoint={digits_teacher}", *extra])
@@ -315,7 +316,7 @@ def test_digits_run_switches_phase_and_resumes_across_the_switch_exactly(method,
         assert all(math.isfinite(record[f"loss/{k}"]) for k in names)
     assert summary["epochs"] == 2 and 0 <= summary["test_acc_at_best_val"] <= 100
 
-    import gapkd.api as api
+    import gapkd.build as api
 
     initial = {}
     real_build = api.build_distiller
@@ -327,7 +328,7 @@ def test_digits_run_switches_phase_and_resumes_across_the_switch_exactly(method,
 
     interrupted = build_config(straight.model_dump(), overrides=[f"name={method}-interrupted"])
     monkeypatch.setattr(api, "build_distiller", keep_initial)
-    interrupt_after_first_state(monkeypatch)
+    interrupt_after_first_state()
     with pytest.raises(KeyboardInterrupt):
         run(interrupted, echo=False)
     first = safe_load(run_dir_for(interrupted) / "checkpoints" / "state.pt")["model"]
@@ -387,7 +388,7 @@ def test_list_methods_verbose_names_the_modules_and_losses(capsys):
 
 @pytest.mark.parametrize("method", ["ab", "ft", "fsp"])
 def test_phased_methods_refuse_ddp_with_the_reason(method):
-    from gapkd.engine.distributed import check_supported
+    from gapkd.core.distributed import check_supported
 
     distiller = METHODS.get(method)(create_model("resnet8", num_classes=10), create_model("resnet14", num_classes=10), task=TASK)
     with pytest.raises(ConfigError, match=f"method {type(distiller).__name__} trains different parameters in its two phases.*single process"):

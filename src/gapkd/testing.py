@@ -38,20 +38,3 @@ def write_image(path: str | Path, seed: int, size: tuple[int, int] = (40, 30), m
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, **save_options)
-
-
-def interrupt_after_first_state(monkeypatch) -> None:
-    """Makes the next training run raise KeyboardInterrupt right after it writes its first ``state.pt``,
-    as if killed there (the run folder is then resumable); ``monkeypatch.undo()`` or a new
-    ``monkeypatch.setattr`` of ``gapkd.engine.trainer.atomic_save`` ends it."""
-    import gapkd.engine.trainer as trainer
-
-    real_save = trainer.atomic_save
-
-    def save_then_stop(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            monkeypatch.setattr(trainer, "atomic_save", real_save)  # the resumed run saves normally
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "atomic_save", save_then_stop)

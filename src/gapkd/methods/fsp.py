@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .ab import PHASED_DDP_REASON
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .ab import PREACT_MODELS, require_preact
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 
