@@ -20,7 +20,9 @@ from gapkd.pipelines import PIPELINES
 
 CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
 METHODS = ["ce", "kd", "logit-kd", "dkd", "dist", "ctkd", "fitnet", "at", "feature-kd", "simkd", "crd", "reviewkd",
-           "dfpt-kd", "dfpt-kd+", "takd", "eskd"]
+           "dfpt-kd", "dfpt-kd+", "takd", "eskd", "ab", "ft", "fsp", "ofd"]
+# initialisation phases scaled to the budget: RepDistiller's 30 of 240 epochs, at least 1, inside the same epochs
+INIT_PHASE = ("ab", "ft", "fsp")
 
 
 def base_tree(args) -> dict:
@@ -43,7 +45,8 @@ def run_method(method: str, tree: dict, args) -> dict:
         tree = merge(tree, {"method": {"name": "kd"}})
         options = {"takd": {"assistant": args.assistant}, "eskd": {"stop_epoch": max(1, int(0.4 * tree["train"]["epochs"]))}}
         return PIPELINES.get(method)(None, merge(tree, {method: options.get(method, {})}), echo=False)["student"]
-    return run(build_config(merge(tree, {"method": {"name": method}})), echo=False)
+    hyper = {"init_epochs": max(1, round(tree["train"]["epochs"] * 30 / 240))} if method in INIT_PHASE else {}
+    return run(build_config(merge(tree, {"method": {"name": method, **hyper}})), echo=False)
 
 
 def main() -> None:

@@ -29,6 +29,26 @@ def tiny_overrides(tmp_path):
 
 
 @pytest.fixture
+def interrupt_after_first_state(monkeypatch):
+    """A function that arms the next training run to raise KeyboardInterrupt right after it writes its
+    first ``state.pt``, as if killed there; the run that resumes it saves normally."""
+    import gapkd.engine.trainer as trainer
+
+    def arm() -> None:
+        real_save = trainer.atomic_save
+
+        def save_then_stop(obj, path):
+            real_save(obj, path)
+            if str(path).endswith("state.pt"):
+                monkeypatch.setattr(trainer, "atomic_save", real_save)
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "atomic_save", save_then_stop)
+
+    return arm
+
+
+@pytest.fixture
 def cifar10_jpg_path():
     if not CIFAR10_JPG.is_file():
         pytest.skip(f"the CIFAR-10 JPEG copy is not at {CIFAR10_JPG} (../shared/data is absent on this machine)")
