@@ -15,7 +15,6 @@ from gapkd.config import build_config
 from gapkd.errors import ConfigError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.models import create_model
-
 from test_methods_a import assert_three_steps_train_exactly, random_teacher  # noqa: F401  (random_teacher: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
