@@ -40,3 +40,19 @@ def _isolated_env(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("GAPKD_DATA", raising=False)
     # decoded-data cache shared by the whole session (decoding the JPEG tarball takes ~20 s)
     monkeypatch.setenv("GAPKD_CACHE", os.environ.get("GAPKD_TEST_CACHE", str(Path.home() / ".cache" / "gapkd")))
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    """resnet14 trained for one epoch on digits (a second or two on CPU); its best.pt."""
+    from gapkd.api import run, run_dir_for
+    from gapkd.config import build_config
+
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = build_config({
+        "out_dir": str(out), "name": "teacher", "student": {"name": "resnet14"},
+        "data": {"name": "digits", "batch_size": 64, "augment": {"crop_padding": 1, "flip": False}},
+        "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000},
+    })
+    run(cfg, echo=False)
+    return run_dir_for(cfg) / "checkpoints" / "best.pt"

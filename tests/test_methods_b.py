@@ -367,19 +367,6 @@ def test_gradients_reach_exactly_the_trained_parameters_and_the_teacher_stays_id
 # ---------------------------------------------------------------------------- end to end on digits
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    """resnet14 trained for one epoch on digits (a second or two on CPU)."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = build_config({
-        "out_dir": str(out), "name": "teacher", "student": {"name": "resnet14"},
-        "data": {"name": "digits", "batch_size": 64, "augment": {"crop_padding": 1, "flip": False}},
-        "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000},
-    })
-    run(cfg, echo=False)
-    return run_dir_for(cfg) / "checkpoints" / "best.pt"
-
-
 def _distill_cfg(tiny_overrides, teacher, method, *extra):
     return build_config(tiny_overrides, overrides=[f"name={method}", f"method.name={method}", "teacher.name=resnet14",
                                                     f"teacher.checkpoint={teacher}", *extra])

@@ -30,6 +30,11 @@ class AugmentConfig(_Strict):
 
     crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop); in-memory datasets")
     flip: bool = Field(True, description="random horizontal flip")
+    strong: bool = Field(
+        False, description="also give every training batch a strongly augmented view of the same images (its own crop and flip, "
+        "then RandAugment with 2 operations and Cutout, as FixMatch and MLKD), batched on the device and seeded; methods read it "
+        "as StepInfo.strong_images (mlkd needs it); in-memory datasets",
+    )
     scale: tuple[float, float] = Field(
         (0.08, 1.0), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
     )
@@ -168,6 +173,10 @@ def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
     for role in ("student", "teacher"):
         if payload.get(role) is not None and payload[role].get("init_head") == "load":
             del payload[role]["init_head"]
+    if payload.get("data", {}).get("augment", {}).get("strong") is False:
+        del payload["data"]["augment"]["strong"]
+    if payload.get("method", {}).get("logit_standardize") is False:  # kd, dkd, ctkd's switch, off
+        del payload["method"]["logit_standardize"]
     return payload
 
 
@@ -208,6 +217,9 @@ class RunConfig(_Strict):
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if getattr(cls, "needs_strong_view", False) and not self.data.augment.strong:
+            raise ConfigError(f"method {self.method.name!r} trains on a weak and a strong view of every batch: set "
+                              "data.augment.strong=true (the data pipeline then builds the strong view on the device).")
         if self.teacher is not None and self.teacher.init_head == "reset":
             raise ConfigError(
                 "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "

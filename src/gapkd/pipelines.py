@@ -225,3 +225,8 @@ PIPELINES.add("eskd", eskd, "early-stopped-kd")
 from .pipeline_aid import aid as _aid  # noqa: E402
 
 PIPELINES.add("aid", _aid, "aid-kd")
+
+# DGKD in its own module too (dense guidance by the teacher and every earlier assistant, method dgkd).
+from .pipeline_dgkd import dgkd as _dgkd  # noqa: E402
+
+PIPELINES.add("dgkd", _dgkd, "densely-guided-kd")

@@ -30,6 +30,7 @@ class StepInfo:
     epochs: int
     steps_per_epoch: int
     indices: Tensor | None = None  # stable sample ids of the batch (memory banks such as CRD's)
+    strong_images: Tensor | None = None  # the batch's strongly augmented view when data.augment.strong is on (MLKD)
 
     @property
     def progress(self) -> float:

@@ -16,7 +16,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Distiller, StepOutput, hparams, register_method
-from .losses import kd_kl
+from .losses import kd_kl, maybe_standardize
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -64,6 +64,8 @@ class CTKDHparams:
     temperature_range: Annotated[float, Field(gt=0, description="tau lies in (min, min + range); official CIFAR: 1 + 20 sigmoid")] = 20.0
     lambda_max: Annotated[float, Field(ge=0, description="final strength of the gradient reversal")] = 1.0
     lambda_epochs: Annotated[int, Field(ge=0, description="epochs of the cosine curriculum from 0 to lambda_max")] = 10
+    logit_standardize: Annotated[bool, Field(description="z-score student and teacher logits before the softmax (Sun et al., "
+                                             "CVPR 2024); the authors pair it with a base temperature of 2 and a KD weight of 9")] = False
 
 
 @register_method("ctkd", "curriculum-temperature")
@@ -71,6 +73,7 @@ class CTKD(Distiller):
     """Curriculum-temperature KD: a learned global temperature, adversarial through gradient reversal."""
 
     Hparams = CTKDHparams
+    # uses the teacher's logits only
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)
@@ -86,6 +89,7 @@ class CTKD(Distiller):
         h = self.hparams
         tau = self.temperature(self.reversal_strength(step.epoch))
         return StepOutput(
-            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "kd": h.kd_weight * kd_kl(logits, teacher_logits, tau)},
+            {"ce": h.ce_weight * F.cross_entropy(logits, labels),
+             "kd": h.kd_weight * kd_kl(*maybe_standardize(logits, teacher_logits, h.logit_standardize), tau)},
             logits,
         )
