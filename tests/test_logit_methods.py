@@ -376,3 +376,18 @@ def test_end_to_end_on_digits(method, extra, losses, tiny_overrides, digits_teac
     assert {k[5:] for k in record if k.startswith("loss/")} == losses
     assert all(math.isfinite(record[f"loss/{name}"]) for name in losses)
     assert summary["best_val_acc"] > 10  # above chance (10 classes) after one epoch
+
+
+def test_logit_recipes_are_what_generate_logit_writes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    subprocess.run([sys.executable, str(configs / "generate_logit.py"), "--out", str(tmp_path)], check=True, capture_output=True)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    assert len(written) == 130 and all((configs / p).read_text() == (tmp_path / p).read_text() for p in written)
+    mlkd = build_config(path=configs / "cifar100" / "resnet32x4-shufflev1" / "mlkd.yaml")
+    assert mlkd.data.augment.strong and (mlkd.train.epochs, mlkd.optim.lr) == (480, 0.01)
+    dkd_ls = build_config(path=configs / "cifar100" / "resnet56-resnet20" / "dkd-ls.yaml").method.hparams
+    assert (dkd_ls["temperature"], dkd_ls["alpha"], dkd_ls["beta"], dkd_ls["logit_standardize"]) == (3.0, 18.0, 36.0, True)
