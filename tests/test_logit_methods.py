@@ -391,3 +391,33 @@ def test_logit_recipes_are_what_generate_logit_writes(tmp_path):
     assert mlkd.data.augment.strong and (mlkd.train.epochs, mlkd.optim.lr) == (480, 0.01)
     dkd_ls = build_config(path=configs / "cifar100" / "resnet56-resnet20" / "dkd-ls.yaml").method.hparams
     assert (dkd_ls["temperature"], dkd_ls["alpha"], dkd_ls["beta"], dkd_ls["logit_standardize"]) == (3.0, 18.0, 36.0, True)
+
+
+@pytest.mark.parametrize("method, extra", [("mlkd", ["data.augment.strong=true"]), ("dgkd", ["method.drop_probability=0.5", "GUIDE"])])
+def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(method, extra, tiny_overrides, digits_teacher, monkeypatch):
+    """The strong view's draws and DGKD's guide draws are seeded per epoch: a run killed after epoch 1
+    and started again ends with the weights of an uninterrupted run."""
+    import gapkd.engine.trainer as trainer
+    from gapkd.engine.checkpoint import safe_load
+
+    tiny_overrides["data"]["train_subset"] = 256
+    guide = f"method.guides=[{{name: resnet14, checkpoint: {digits_teacher}}}]"  # a second guide: the drops matter
+    extra = [guide if e == "GUIDE" else e for e in extra]
+    common = [f"method.name={method}", "teacher.name=resnet14", f"teacher.checkpoint={digits_teacher}", "train.epochs=2", *extra]
+    straight = build_config(tiny_overrides, overrides=["name=straight", *common])
+    run(straight, echo=False)
+    interrupted = build_config(tiny_overrides, overrides=["name=interrupted", *common])
+    real_save = trainer.atomic_save
+
+    def crash_after_first_state(obj, path):
+        real_save(obj, path)
+        if str(path).endswith("state.pt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, echo=False)
+    monkeypatch.setattr(trainer, "atomic_save", real_save)
+    run(interrupted, echo=False)
+    a, b = (safe_load(run_dir_for(c) / "checkpoints" / "last.pt")["state_dict"] for c in (straight, interrupted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,7 @@ from .losses import kd_kl
 class Guide:
     name: Annotated[str, Field(description="model name (gapkd list models)")]
     checkpoint: Annotated[str, Field(description="its trained weights (an earlier stage's best.pt)")]
-    options: Annotated[dict[str, Any], Field(description="model options")] = None
+    options: dict[str, Any] = Field(default_factory=dict, description="model options")
 
 
 @hparams
