@@ -397,8 +397,8 @@ def test_logit_recipes_are_what_generate_logit_writes(tmp_path):
 def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(method, extra, tiny_overrides, digits_teacher, monkeypatch):
     """The strong view's draws and DGKD's guide draws are seeded per epoch: a run killed after epoch 1
     and started again ends with the weights of an uninterrupted run."""
-    import gapkd.engine.trainer as trainer
     from gapkd.engine.checkpoint import safe_load
+    from gapkd.testing import run_killed_after_first_epoch_then_resumed
 
     tiny_overrides["data"]["train_subset"] = 256
     guide = f"method.guides=[{{name: resnet14, checkpoint: {digits_teacher}}}]"  # a second guide: the drops matter
@@ -407,17 +407,6 @@ def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(
     straight = build_config(tiny_overrides, overrides=["name=straight", *common])
     run(straight, echo=False)
     interrupted = build_config(tiny_overrides, overrides=["name=interrupted", *common])
-    real_save = trainer.atomic_save
-
-    def crash_after_first_state(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
-    with pytest.raises(KeyboardInterrupt):
-        run(interrupted, echo=False)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
-    run(interrupted, echo=False)
+    run_killed_after_first_epoch_then_resumed(interrupted, monkeypatch)
     a, b = (safe_load(run_dir_for(c) / "checkpoints" / "last.pt")["state_dict"] for c in (straight, interrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
