@@ -181,7 +181,7 @@ def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
             del payload[role]["init_head"]
     if payload.get("data", {}).get("augment", {}).get("strong") is False:
         del payload["data"]["augment"]["strong"]
-    if payload.get("method", {}).get("logit_standardize") is False:  # kd, dkd, ctkd's switch, off
+    if payload.get("method", {}).get("logit_standardize") is False:  # the logit-standardisation switch, off
         del payload["method"]["logit_standardize"]
     return payload
 
