@@ -56,3 +56,27 @@ def digits_teacher(tmp_path_factory):
     })
     run(cfg, echo=False)
     return run_dir_for(cfg) / "checkpoints" / "best.pt"
+
+
+@pytest.fixture
+def killed_then_resumed(monkeypatch):
+    """``go(cfg)``: gapkd.api.run as if the run were killed right after its first epoch's checkpoint,
+    then started again (it resumes); returns the second call's summary."""
+    from gapkd.api import run
+    from gapkd.engine import trainer
+
+    def go(cfg):
+        real_save = trainer.atomic_save
+
+        def crash_after_first_state(obj, path):
+            real_save(obj, path)
+            if str(path).endswith("state.pt"):
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, echo=False)
+        monkeypatch.setattr(trainer, "atomic_save", real_save)
+        return run(cfg, echo=False)
+
+    return go

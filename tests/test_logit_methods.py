@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gapkd.api import run, run_dir_for
-from gapkd.config import build_config, omit_later_defaults
+from gapkd.config import build_config, identity_payload
 from gapkd.errors import ConfigError, GapkdError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.methods.dkd import dkd_terms
@@ -84,9 +84,9 @@ def test_logit_standardize_off_is_bit_identical_to_the_plain_losses(method):
 def test_logit_standardize_off_keeps_config_hashes_and_on_changes_them():
     args = ["student.name=resnet8", "teacher.name=resnet20", "teacher.checkpoint=t.pt", "method.name=kd"]
     off, on = build_config(overrides=args), build_config(overrides=[*args, "method.logit_standardize=true"])
-    payload = off.model_dump(mode="json", exclude={"name", "out_dir"})
-    assert omit_later_defaults(payload)["method"] == {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
-    assert "logit_standardize" not in json.dumps(payload)  # off: hashed as before the switch existed (runs keep resuming)
+    for which in ("run_hash", "study_key"):  # off: hashed as before the switch existed (runs keep their hashes and resume)
+        assert identity_payload(off, which)["method"] == {"name": "kd", "temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+        assert identity_payload(on, which)["method"]["logit_standardize"] is True
     assert off.hparams_hash() != on.hparams_hash()
 
 
@@ -394,11 +394,11 @@ def test_logit_recipes_are_what_generate_logit_writes(tmp_path):
 
 
 @pytest.mark.parametrize("method, extra", [("mlkd", ["data.augment.strong=true"]), ("dgkd", ["method.drop_probability=0.5", "GUIDE"])])
-def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(method, extra, tiny_overrides, digits_teacher, monkeypatch):
+def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(method, extra, tiny_overrides, digits_teacher,
+                                                                                killed_then_resumed):
     """The strong view's draws and DGKD's guide draws are seeded per epoch: a run killed after epoch 1
     and started again ends with the weights of an uninterrupted run."""
     from gapkd.engine.checkpoint import safe_load
-    from gapkd.testing import run_killed_after_first_epoch_then_resumed
 
     tiny_overrides["data"]["train_subset"] = 256
     guide = f"method.guides=[{{name: resnet14, checkpoint: {digits_teacher}}}]"  # a second guide: the drops matter
@@ -407,6 +407,6 @@ def test_resume_is_bit_identical_with_the_strong_view_and_random_guide_dropping(
     straight = build_config(tiny_overrides, overrides=["name=straight", *common])
     run(straight, echo=False)
     interrupted = build_config(tiny_overrides, overrides=["name=interrupted", *common])
-    run_killed_after_first_epoch_then_resumed(interrupted, monkeypatch)
+    killed_then_resumed(interrupted)
     a, b = (safe_load(run_dir_for(c) / "checkpoints" / "last.pt")["state_dict"] for c in (straight, interrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -39,24 +39,3 @@ def write_image(path: str | Path, seed: int, size: tuple[int, int] = (40, 30), m
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, **save_options)
 
-
-def run_killed_after_first_epoch_then_resumed(cfg, monkeypatch) -> dict:
-    """Run ``cfg`` (gapkd.api.run) as if killed right after its first epoch's checkpoint, then start it
-    again (it resumes); returns the second call's summary. ``monkeypatch``: pytest's fixture."""
-    import pytest
-
-    from . import api
-    from .engine import trainer
-
-    real_save = trainer.atomic_save
-
-    def crash_after_first_state(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
-    with pytest.raises(KeyboardInterrupt):
-        api.run(cfg, echo=False)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
-    return api.run(cfg, echo=False)

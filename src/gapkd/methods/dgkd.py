@@ -12,7 +12,6 @@ This method holds the guides beyond the recipe's teacher in ``guides`` (model na
 options); the ``dgkd`` pipeline (gapkd pipeline dgkd) trains the assistants in turn and fills it."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Annotated, Any
 
 import torch
@@ -21,26 +20,32 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from .base import Distiller, StepOutput, freeze, hparams, register_method
+from .checkpoint import model_from_checkpoint
 from .losses import kd_kl
 
 
 @hparams
 class Guide:
-    name: Annotated[str, Field(description="model name (gapkd list models)")]
-    checkpoint: Annotated[str, Field(description="its trained weights (an earlier stage's best.pt)")]
-    options: dict[str, Any] = Field(default_factory=dict, description="model options")
+    name: str
+    """model name (gapkd list models)"""
+    checkpoint: str
+    """its trained weights (an earlier stage's best.pt)"""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """model options"""
 
 
 @hparams
 class DGKDHparams:
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature of every KD term")] = 4.0
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 0.1
-    kd_weight: Annotated[float, Field(ge=0, description="weight of each guide's tau^2 * KL term (the terms are summed)")] = 0.9
-    drop_probability: Annotated[float, Field(ge=0, lt=1, description="chance that a guide's term is dropped at a step (stochastic "
-                                                                     "DGKD); 0 keeps every guide")] = 0.5
-    guides: Annotated[list[Guide], Field(description="models besides teacher.* that guide the student, largest first "
-                                                     "(the dgkd pipeline sets them: the assistants trained before this stage)")] = ()
-
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature of every KD term"""
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels"""
+    kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of each guide's tau^2 * KL term (the terms are summed)"""
+    drop_probability: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    """chance that a guide's term is dropped at a step (stochastic DGKD); 0 keeps every guide"""
+    guides: list[Guide] = ()
+    """models besides teacher.* that guide the student, largest first (the dgkd pipeline sets them)"""
 
 @register_method("dgkd", "densely-guided-kd")
 class DGKD(Distiller):
@@ -55,15 +60,11 @@ class DGKD(Distiller):
 
     @staticmethod
     def _load(guide, task) -> nn.Module:
-        from ..api import build_model  # the api builds distillers: imported here, not at module load
-        from ..config import ModelConfig
-
         if task is None:
             raise ValueError("dgkd builds its guides for the data's classes: pass task=TaskInfo(...) to the distiller")
         spec = guide if isinstance(guide, dict) else vars(guide)
-        data = SimpleNamespace(name="the training data", num_classes=task.num_classes, in_channels=task.in_channels)
-        cfg = ModelConfig(name=spec["name"], checkpoint=spec["checkpoint"], options=spec.get("options") or {})
-        return build_model(cfg, data, "teacher")
+        return model_from_checkpoint(spec["checkpoint"], task.num_classes, task.in_channels, name=spec["name"],
+                                     options=spec.get("options") or {}, role="teacher")[0]
 
     def train(self, mode: bool = True) -> "DGKD":
         super().train(mode)

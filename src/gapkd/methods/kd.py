@@ -6,17 +6,21 @@ from typing import Annotated
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Distiller, StepOutput, hparams, register_method
+from .base import Distiller, StepOutput, added_later, hparams, register_method
 from .losses import kd_kl, maybe_standardize
 
 
 @hparams
 class KDHparams:
     temperature: Annotated[float, Field(gt=0)] = 4.0
+    """tau of the softened teacher and student distributions"""
     ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels"""
     kd_weight: Annotated[float, Field(ge=0)] = 0.9
-    logit_standardize: Annotated[bool, Field(description="z-score student and teacher logits before the softmax (Sun et al., "
-                                             "CVPR 2024); the authors pair it with a base temperature of 2 and a KD weight of 9")] = False
+    """weight of tau^2 * KL(teacher || student)"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("kd", "vanilla-kd", "hinton")

@@ -51,12 +51,16 @@ def kept_fraction(values: Tensor) -> Tensor:
 
 @hparams
 class MLKDHparams:
-    temperature: Annotated[float, Field(gt=0, description="base temperature (official: 4; 2 with logit standardisation)")] = 4.0
-    extra_temperatures: Annotated[list[float], Field(description="the other temperatures every level is summed over (official: 3, 5, 2, 6)")] = (3.0, 5.0, 2.0, 6.0)
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy, applied to each view (official: 0.1)")] = 0.1
-    kd_weight: Annotated[float, Field(ge=0, description="weight of every alignment term (official: 0.9; 9 with logit standardisation)")] = 0.9
-    logit_standardize: Annotated[bool, Field(description="z-score the logits of the instance terms (Sun et al., CVPR 2024)")] = False
-
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """base temperature (official: 4; 2 with logit standardisation)"""
+    extra_temperatures: list[float] = (3.0, 5.0, 2.0, 6.0)
+    """the other temperatures every level is summed over (official: 3, 5, 2, 6)"""
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy, applied to each view (official: 0.1)"""
+    kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of every alignment term (official: 0.9; 9 with logit standardisation)"""
+    logit_standardize: bool = False
+    """z-score the logits of the instance terms (Sun et al., CVPR 2024)"""
 
 @register_method("mlkd", "multi-level-kd")
 class MLKD(Distiller):

@@ -43,12 +43,12 @@ def nkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
 @hparams
 class NKDHparams:
-    temperature: Annotated[float, Field(gt=0, description="temperature of the non-target term; official CIFAR-100 config: 3 "
-                                                          "(ImageNet: 1)")] = 3.0
-    gamma: Annotated[float, Field(ge=0, description="weight of the normalised non-target term; official CIFAR-100 config: 3.5 "
-                                                    "(ImageNet: 1.5)")] = 3.5
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
-
+    temperature: Annotated[float, Field(gt=0)] = 3.0
+    """temperature of the non-target term; official CIFAR-100 config: 3 (ImageNet: 1)"""
+    gamma: Annotated[float, Field(ge=0)] = 3.5
+    """weight of the normalised non-target term; official CIFAR-100 config: 3.5 (ImageNet: 1.5)"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
 
 @register_method("nkd", "normalized-kd")
 class NKD(Distiller):

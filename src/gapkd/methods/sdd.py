@@ -68,17 +68,24 @@ def dkd_rows(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, tem
 
 @hparams
 class SDDHparams:
-    base: Annotated[Literal["kd", "dkd"], Field(description="the logit loss applied to every region: kd (SD-KD) or dkd (SD-DKD)")] = "kd"
-    scales: Annotated[list[int], Field(description="pooling scales, starting with 1 (the global logits); official: [1, 2, 4], "
-                                                   "[1, 2] for resnet32x4 -> resnet8x4")] = (1, 2, 4)
-    complementary_weight: Annotated[float, Field(ge=0, description="weight of complementary regions (paper: 2)")] = 2.0
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature (official: 4)")] = 4.0
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels (official SD-KD 0.1, SD-DKD 1)")] = 0.1
-    kd_weight: Annotated[float, Field(ge=0, description="weight of the region loss (official SD-KD 0.9; SD-DKD 1)")] = 0.9
-    alpha: Annotated[float, Field(ge=0, description="base dkd: weight of TCKD")] = 1.0
-    beta: Annotated[float, Field(ge=0, description="base dkd: weight of NCKD (per pair as in DKD: 8, 2 for resnet56/110 pairs)")] = 8.0
-    warmup_epochs: Annotated[int, Field(ge=0, description="region loss ramps as min(epoch / warmup, 1), epochs counted from 1 "
-                                                          "(official SD-DKD: 20; SD-KD: none)")] = 0
+    base: Literal["kd", "dkd"] = "kd"
+    """the logit loss applied to every region: kd (SD-KD) or dkd (SD-DKD)"""
+    scales: list[int] = (1, 2, 4)
+    """pooling scales, starting with 1 (the global logits); official: [1, 2, 4], [1, 2] for resnet32x4 -> resnet8x4"""
+    complementary_weight: Annotated[float, Field(ge=0)] = 2.0
+    """weight of complementary regions (paper: 2)"""
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature (official: 4)"""
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels (official SD-KD 0.1, SD-DKD 1)"""
+    kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of the region loss (official SD-KD 0.9; SD-DKD 1)"""
+    alpha: Annotated[float, Field(ge=0)] = 1.0
+    """base dkd: weight of TCKD"""
+    beta: Annotated[float, Field(ge=0)] = 8.0
+    """base dkd: weight of NCKD (per pair as in DKD: 8, 2 for resnet56/110 pairs)"""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    """region loss ramps as min(epoch / warmup, 1), epochs counted from 1 (official SD-DKD: 20; SD-KD: none)"""
 
     @field_validator("scales")
     @classmethod

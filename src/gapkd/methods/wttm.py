@@ -31,13 +31,14 @@ def wttm_loss(student_logits: Tensor, teacher_logits: Tensor, gamma: float, weig
 
 @hparams
 class WTTMHparams:
-    gamma: Annotated[float, Field(gt=0, description="exponent of the teacher's power transform (1 / its temperature); the "
-                                                    "official README's WTTM example: 0.2 (its TTM example: 0.1)")] = 0.2
-    kd_weight: Annotated[float, Field(ge=0, description="weight of the weighted matching term (official -a/-b; README WTTM "
-                                                        "example: 4, with CRD)")] = 4.0
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels (official -r, default 1)")] = 1.0
-    weighted: Annotated[bool, Field(description="weight each sample by its power sum Z (WTTM); false gives plain TTM")] = True
-
+    gamma: Annotated[float, Field(gt=0)] = 0.2
+    """exponent of the teacher's power transform (1 / its temperature); the official README's WTTM example: 0.2"""
+    kd_weight: Annotated[float, Field(ge=0)] = 4.0
+    """weight of the weighted matching term (the official README's WTTM example, with CRD: 4)"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels (official -r, default 1)"""
+    weighted: bool = True
+    """weight each sample by its power sum Z (WTTM); false gives plain TTM"""
 
 @register_method("wttm", "transformed-teacher-matching")
 class WTTM(Distiller):

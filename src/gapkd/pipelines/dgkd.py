@@ -2,7 +2,7 @@
 where every stage is distilled with method ``dgkd`` from the teacher *and every assistant trained
 before it* (dense guidance), dropping guides at random per step.
 
-It reuses TAKD's stage machinery (:mod:`gapkd.pipelines`): the recipe plus a ``dgkd:`` section
+It reuses TAKD's stage machinery (:mod:`.base`, :class:`.takd.TAKDOptions`): the recipe plus a ``dgkd:`` section
 (``dgkd.assistant=[resnet56, resnet32]``, largest first); every stage is one ordinary run in
 the pipeline's folder, so a finished stage is skipped and an interrupted one resumes; all stage
 configs are derived and validated before the first stage trains. The recipe's ``method`` section
@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from typing import Union
 
-from .errors import ConfigError
-from .pipelines import TAKDOptions, _best_checkpoint, _teacher_section, finish, load_recipe, pipeline_dir_for, run_stage, stage_config, start
+from ..core.errors import ConfigError
+from .base import best_checkpoint, finish, load_recipe, pipeline_dir_for, run_stage, stage_config, start, teacher_section
+from .takd import TAKDOptions
 
 
 class DGKDOptions(TAKDOptions):
@@ -28,7 +29,7 @@ def dgkd(config: Union[str, os.PathLike, None] = None, overrides=None, *, assist
     Stage k trains assistant k with method dgkd, guided by the teacher and assistants 1..k-1 (their
     validation-selected best.pt); the student is guided by the teacher and every assistant."""
     tree, options = load_recipe("dgkd", DGKDOptions, config, overrides, assistant=assistant)
-    teacher = _teacher_section(tree)
+    teacher = teacher_section(tree)
     method = dict(tree.get("method") or {})
     if method.get("name", "dgkd").lower() not in ("dgkd", "densely-guided-kd"):
         raise ConfigError(f"pipeline dgkd distils every stage with method dgkd, but the recipe sets method.name={method['name']}: "
@@ -47,7 +48,7 @@ def dgkd(config: Union[str, os.PathLike, None] = None, overrides=None, *, assist
             "method": {**method, "name": "dgkd", "guides": list(guides)},
         })
         configs.append(cfg)
-        guides.append({"name": name, "checkpoint": _best_checkpoint(cfg), "options": options.assistant_options})
+        guides.append({"name": name, "checkpoint": best_checkpoint(cfg), "options": options.assistant_options})
     configs.append(stage_config(tree, pipeline_dir, "student", replace={
         "teacher": teacher, "method": {**method, "name": "dgkd", "guides": list(guides)}}))
 
