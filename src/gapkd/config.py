@@ -51,9 +51,29 @@ def identity_payload(model: BaseModel, which: str, dumped: dict[str, Any] | None
         value = getattr(model, name)
         if mark == "file-name" and dumped[name] is not None:
             payload[name] = Path(dumped[name]).name
+        elif isinstance(value, MethodConfig):
+            payload[name] = _method_identity(dumped[name], which)
         else:
             payload[name] = identity_payload(value, which, dumped[name]) if isinstance(value, _Strict) else dumped[name]
     return payload
+
+
+def _method_identity(dumped: dict[str, Any], which: str) -> dict[str, Any]:
+    """The method section as hashed: a hyper-parameter its dataclass marks "when-set"
+    (``gapkd.methods.base.added_later``) is left out while it holds its default."""
+    from .methods import METHODS  # the methods own their hyper-parameter schemas
+
+    if dumped.get("name") not in METHODS:
+        return dumped
+    fields = getattr(METHODS.get(dumped["name"]).Hparams, "__pydantic_fields__", {})
+    out = {}
+    for key, value in dumped.items():
+        info = fields.get(key)
+        mark = ((info.json_schema_extra or {}).get("identity") or {}).get(which, "always") if info is not None else "always"
+        if mark == "when-set" and value == _json(info.get_default(call_default_factory=True)):
+            continue
+        out[key] = value
+    return out
 
 
 def _json(value: Any) -> Any:
@@ -68,6 +88,11 @@ class AugmentConfig(_Strict):
 
     crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop); in-memory datasets")
     flip: bool = Field(True, description="random horizontal flip")
+    strong: bool = Field(
+        False, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="also give every training batch a strongly augmented view of the same images (its own crop and flip, "
+        "then RandAugment with 2 operations and Cutout, as FixMatch and MLKD), batched on the device and seeded; methods read it "
+        "as StepInfo.strong_images (mlkd needs it); in-memory datasets",
+    )
     scale: tuple[float, float] = Field(
         (0.08, 1.0), json_schema_extra=identity(run_hash="when-set"), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
     )
@@ -268,6 +293,9 @@ class RunConfig(_Strict):
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if getattr(cls, "needs_strong_view", False) and not self.data.augment.strong:
+            raise ConfigError(f"method {self.method.name!r} trains on a weak and a strong view of every batch: set "
+                              "data.augment.strong=true (the data pipeline then builds the strong view on the device).")
         if self.teacher is not None and self.teacher.init_head == "reset":
             raise ConfigError(
                 "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "

@@ -92,6 +92,7 @@ EXAMPLES = {
           gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml takd.assistant=resnet56
           gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml 'takd.assistant=[resnet56, resnet44]'
           gapkd pipeline eskd -c configs/cifar100/resnet56-resnet20/kd.yaml eskd.stop_epoch=60 eskd.teacher_epochs=240
+          gapkd pipeline dgkd -c configs/cifar100/resnet110-resnet20/dgkd.yaml 'dgkd.assistant=[resnet56, resnet32]'
     """,
     "quickstart": """
         examples:
@@ -153,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
     _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
 
-    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher), AID (adapted teacher).")
-    pl.add_argument("kind", help="takd, eskd or aid (options under takd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
+    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), DGKD (every larger model guides each smaller one), "
+                      "ESKD (early-stopped teacher), AID (adapted teacher).")
+    pl.add_argument("kind", help="takd, dgkd, eskd or aid (options under takd.* / dgkd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
     _add_common(pl)
 
     _add_checkpoint_commands(add)
