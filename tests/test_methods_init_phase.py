@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import test_methods_b
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
 from gapkd.core.errors import ConfigError
@@ -21,7 +20,6 @@ from gapkd.methods.ft import ft_loss
 from gapkd.methods.ofd import ofd_margin, ofd_stage_loss
 from gapkd.models import create_model
 
-digits_teacher = test_methods_b.digits_teacher  # the resnet14 digits teacher fixture, shared
 TASK = TaskInfo(num_classes=10, in_channels=3, image_size=16, num_train=8)
 
 
