@@ -62,8 +62,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def safe_load(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True and a clear message for every way it can fail."""
+    """torch.load with weights_only=True and a clear message for every way it can fail.
+    A ``.safetensors`` file is read without pickle (:mod:`gapkd.safetensors_io`); ``zoo:SET/NAME``
+    is a teacher installed with ``gapkd teachers fetch|import``, checked against its recorded sha256."""
+    if str(path).startswith("zoo:"):
+        from ..teachers.store import resolve
+
+        path = resolve(str(path))
     path = Path(path)
+    if path.name.endswith(".safetensors"):
+        from ..safetensors_io import load_safetensors
+
+        return load_safetensors(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     try:
