@@ -34,8 +34,26 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
     """Create a zoo model sized for ``data`` and load its checkpoint when one is named (every weight
-    but the classifier's with ``init_head=reset``: the classifier keeps its fresh initialisation)."""
-    model = create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)
+    but the classifier's with ``init_head=reset``: the classifier keeps its fresh initialisation).
+    ``hf`` builds a Hugging Face model instead; ``input`` (a teacher's) adapts each batch to it."""
+    if getattr(model_cfg, "hf", None):
+        from .teachers.hf import hf_model
+
+        probe = model_cfg.input.size if model_cfg.input is not None and model_cfg.input.size else data.image_size
+        # with a checkpoint, the file gives the classifier: start from one of the data's size
+        model = hf_model(model_cfg.hf, data.num_classes, probe, role=role,
+                         reset_head=model_cfg.init_head == "reset" or bool(model_cfg.checkpoint))
+    else:
+        model = create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)
+    model = _load_weights(model, model_cfg, data, role)
+    if getattr(model_cfg, "input", None) is not None:
+        from .teachers.input import adapt_input
+
+        model = adapt_input(model, model_cfg.input, data)
+    return model
+
+
+def _load_weights(model: torch.nn.Module, model_cfg, data: ImageData, role: str) -> torch.nn.Module:
     if model_cfg.checkpoint:
         reset = model_cfg.init_head == "reset"
         source = f"{role} checkpoint {model_cfg.checkpoint}"
@@ -265,6 +283,10 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
     payload = safe_load(checkpoint)
     ours = isinstance(payload, dict) and payload.get("format") == "gapkd-model"
     name = model_name or (payload.get("model") if isinstance(payload, dict) else None)
+    if not name and str(checkpoint).startswith("zoo:"):
+        from .teachers.catalogue import parse_reference
+
+        name = parse_reference(str(checkpoint))[1].arch
     if not name:
         flag = "--model" if role == "model" else f"--{role}-model"
         raise ConfigError(f"{checkpoint} does not record its architecture; pass {flag} NAME.")

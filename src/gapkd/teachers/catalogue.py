@@ -24,6 +24,7 @@ class TeacherFile:
     reported_acc: Optional[float]  #: top-1 (%) on the set's dataset, as its authors report it
     url: Optional[str] = None  #: for sets published file by file
     sha256_prefix: Optional[str] = None  #: what the publisher's file name promises (torchvision's hash suffix)
+    in_channels: int = 3
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def _check_loads(path: Path, entry: TeacherFile, label: str) -> None:
     from ..models import create_model, extract_state_dict, load_state_dict_strict
 
     try:
-        model = create_model(entry.arch, num_classes=entry.num_classes)
+        model = create_model(entry.arch, num_classes=entry.num_classes, in_channels=entry.in_channels)
         load_state_dict_strict(model, extract_state_dict(safe_load(path)), source=label)
     except GapkdError as error:
         raise TeacherError(f"{label} is not a {entry.arch} checkpoint, so nothing was installed: {error}") from None
