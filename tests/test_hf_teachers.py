@@ -55,6 +55,8 @@ def test_a_vit_exposes_logits_and_token_maps_and_a_convnext_its_stage_maps(tmp_p
     assert vit.model.stage_channels == [16, 16, 16, 16] and vit.model.num_classes == 10
     with pytest.raises(ConfigError, match="cannot be run stage by stage"):
         vit.model.stages
+    three = build_model(ModelConfig(hf=str(tmp_path / "vit"), input={"size": 16}, options={"stages": 3}), digits, "teacher")
+    assert three.model.stage_index == [1, 3, 4]  # as many stages as a CIFAR ResNet student, for AT and feature-kd
 
     convnext = build_model(ModelConfig(hf=str(tiny_convnext(tmp_path / "cnx"))), digits, "teacher").eval()
     with torch.no_grad():
@@ -89,5 +91,7 @@ def test_bad_hf_teachers_get_one_clear_error(tmp_path, digits):
         build_model(ModelConfig(hf=str(tiny_vit(tmp_path / "vit"))), digits, "teacher")
     with pytest.raises(ConfigError, match="cannot load it"):
         build_model(ModelConfig(hf=str(tmp_path)), digits, "teacher")
+    with pytest.raises(ConfigError, match="takes only options.stages"):
+        build_model(ModelConfig(hf=str(tmp_path / "vit"), options={"depth": 3}), digits, "teacher")
     with pytest.raises(ConfigError, match="drop name"):
         ModelConfig(name="resnet8", hf=str(tmp_path))

@@ -41,7 +41,11 @@ def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
 
         probe = model_cfg.input.size if model_cfg.input is not None and model_cfg.input.size else data.image_size
         # with a checkpoint, the file gives the classifier: start from one of the data's size
-        model = hf_model(model_cfg.hf, data.num_classes, probe, role=role,
+        unknown = set(model_cfg.options) - {"path", "stages"}
+        if unknown:
+            raise ConfigError(f"{role}.options {sorted(unknown)}: a Hugging Face model takes only options.stages (how many "
+                              "evenly spaced transformer blocks are its stages).")
+        model = hf_model(model_cfg.hf, data.num_classes, probe, role=role, stages=int(model_cfg.options.get("stages", 4)),
                          reset_head=model_cfg.init_head == "reset" or bool(model_cfg.checkpoint))
     else:
         model = create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)

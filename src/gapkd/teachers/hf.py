@@ -6,7 +6,7 @@
 - ``forward(x)`` is the model's logits for ``pixel_values=x``;
 - ``forward_features(x)`` runs it once with ``output_hidden_states=True``: the stages are its hidden
   states (every stage of a CNN-like model such as ConvNeXt or ResNet, as (N, C, H, W) maps; four
-  evenly spaced blocks of a ViT-like model, whose patch tokens are laid out as (N, D, g, g) maps on
+  (``options.stages``) evenly spaced blocks of a ViT-like model, whose patch tokens are laid out as (N, D, g, g) maps on
   the g x g patch grid, the class and distillation tokens left out), ``pooled`` is the classifier's
   input and ``logits`` the logits;
 - stage-by-stage running (``forward_stem``/``stages``, which DFPT-KD needs) is not available.
@@ -46,7 +46,7 @@ def _record_input(slot: list, module: nn.Module, args: tuple) -> None:
 class HFClassifier(StagedNet):
     """A transformers image-classification model seen as a StagedNet (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, probe_size: int, source: str = "the model"):
+    def __init__(self, model: nn.Module, probe_size: int, source: str = "the model", token_stages: int = TOKEN_STAGES):
         config = model.config
         super().__init__(int(config.num_labels), int(getattr(config, "num_channels", 3)), [])
         self.model = model
@@ -58,9 +58,9 @@ class HFClassifier(StagedNet):
         self._head = [head]  # a plain list: already registered inside the model
         self._pooled: list[Optional[Tensor]] = [None]
         head.register_forward_pre_hook(partial(_record_input, self._pooled))  # a partial: deep copies stay consistent
-        self._probe(probe_size)
+        self._probe(probe_size, token_stages)
 
-    def _probe(self, size: int) -> None:
+    def _probe(self, size: int, token_stages: int) -> None:
         was_training = self.model.training
         self.model.eval()
         try:
@@ -81,7 +81,9 @@ class HFClassifier(StagedNet):
             self.stage_index = list(range(1, len(hidden)))
         else:  # tokens: evenly spaced blocks
             blocks = len(hidden) - 1
-            self.stage_index = sorted({max(1, round(blocks * (k + 1) / TOKEN_STAGES)) for k in range(TOKEN_STAGES)})
+            if not 1 <= token_stages <= blocks:
+                raise ConfigError(f"{self.source}: options.stages={token_stages}, but the model has {blocks} blocks; choose 1 to {blocks}.")
+            self.stage_index = sorted({max(1, round(blocks * (k + 1) / token_stages)) for k in range(token_stages)})
         self.stage_channels = [int(self._as_map(hidden[i]).shape[1]) for i in self.stage_index]
 
     @staticmethod
@@ -126,9 +128,11 @@ class HFClassifier(StagedNet):
         return self._head[0]
 
 
-def hf_model(name_or_path: str, num_classes: int, probe_size: int, *, reset_head: bool = False, role: str = "teacher") -> HFClassifier:
+def hf_model(name_or_path: str, num_classes: int, probe_size: int, *, reset_head: bool = False, role: str = "teacher",
+             stages: int = TOKEN_STAGES) -> HFClassifier:
     """Load a transformers image classifier for ``num_classes`` classes (``reset_head``: a fresh
-    classifier of that size, every other weight loaded) and wrap it."""
+    classifier of that size, every other weight loaded) and wrap it. ``stages``: how many evenly
+    spaced blocks of a transformer are its stages (``options.stages``; to pair with a student's)."""
     transformers = _transformers()
     local = os.path.isdir(name_or_path)
     source = f"{role}.hf={name_or_path}"
@@ -148,4 +152,4 @@ def hf_model(name_or_path: str, num_classes: int, probe_size: int, *, reset_head
                if role == "student" else f"a teacher must be trained for these classes: train it first as the student of a CE run "
                f"(gapkd train student.hf={name_or_path} student.init_head=reset ...), then use that run's best.pt as the teacher.")
         raise ConfigError(f"{source} classifies {labels} classes but the data has {num_classes}; {fix}")
-    return HFClassifier(model, probe_size, source)
+    return HFClassifier(model, probe_size, source, stages)
