@@ -202,7 +202,7 @@ def test_clear_errors_for_unknown_and_uninstalled_teachers(teacher_store, tmp_pa
     assert "holds no file of a known teacher set" in capsys.readouterr().err
 
 
-def test_a_set_published_file_by_file_checks_the_publishers_hash(server, teacher_store, monkeypatch):
+def test_a_set_published_file_by_file_checks_the_publishers_hash(server, teacher_store, monkeypatch, capsys):
     """A 10-class, 1-channel stand-in set, so the installed teacher also distils on digits."""
     weights = checkpoint_bytes("resnet14", num_classes=10, in_channels=1)
     import hashlib
@@ -217,6 +217,8 @@ def test_a_set_published_file_by_file_checks_the_publishers_hash(server, teacher
     with pytest.raises(TeacherError, match="its sha256 starts .* but the publisher's name promises 00000000"):
         store.fetch("standin/resnet8", progress=False)
     store.fetch("standin/resnet14", progress=False)
+    assert main(["eval", "zoo:standin/resnet14", "data.name=digits", "--json"]) == 0  # the catalogue names its architecture
+    assert json.loads(capsys.readouterr().out)["model"] == "resnet14"
     cfg = build_config(None, None, ["method.name=kd", "student.name=resnet8", "teacher.checkpoint=zoo:standin/resnet14",
                                     "train.epochs=1", "train.device=cpu", "data.train_subset=200", f"out_dir={teacher_store.parent / 'runs'}"])
     from gapkd.api import run

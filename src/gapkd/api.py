@@ -286,8 +286,8 @@ def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str |
 
     payload = safe_load(checkpoint)
     ours = isinstance(payload, dict) and payload.get("format") == "gapkd-model"
-    name = model_name or (payload.get("model") if isinstance(payload, dict) else None)
-    if not name and str(checkpoint).startswith("zoo:"):
+    name = model_name or (payload.get("model") if ours else None)
+    if not name and str(checkpoint).startswith("zoo:"):  # an installed teacher: its architecture is in the catalogue
         from .teachers.catalogue import parse_reference
 
         name = parse_reference(str(checkpoint))[1].arch
