@@ -80,6 +80,8 @@ def test_an_hf_student_trains_and_its_checkpoint_rebuilds_it(tmp_path, digits):
     cfg = build_config(None, None, [f"student.hf={folder}", "student.init_head=reset", "train.epochs=1", "train.device=cpu",
                                     "train.amp=off", "data.train_subset=200", f"out_dir={tmp_path / 'runs'}", "name=s"])
     run(cfg, echo=False)
+    saved = build_config(None, tmp_path / "runs" / "s" / "config.yaml")  # what a resume reads back
+    assert saved.student.hf == str(folder) and saved.hparams_hash() == cfg.hparams_hash()
     model, name = load_model(tmp_path / "runs" / "s" / "checkpoints" / "best.pt", digits)
     assert name == "hf" and isinstance(model, HFClassifier) and model.num_classes == 10
 
@@ -93,5 +95,7 @@ def test_bad_hf_teachers_get_one_clear_error(tmp_path, digits):
         build_model(ModelConfig(hf=str(tmp_path)), digits, "teacher")
     with pytest.raises(ConfigError, match="takes only options.stages"):
         build_model(ModelConfig(hf=str(tmp_path / "vit"), options={"depth": 3}), digits, "teacher")
+    with pytest.raises(ConfigError, match="name=hf is a Hugging Face model: set hf="):
+        ModelConfig(name="hf")
     with pytest.raises(ConfigError, match="drop name"):
         ModelConfig(name="resnet8", hf=str(tmp_path))

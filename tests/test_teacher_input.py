@@ -86,6 +86,8 @@ def test_a_distillation_run_with_teacher_input(tmp_path):
                                     "teacher.input.size=8", "train.epochs=1", "train.device=cpu", "train.amp=off",
                                     "data.train_subset=200", f"out_dir={tmp_path}", "name=s"])
     summary = run(cfg, echo=False)
+    saved = build_config(None, tmp_path / "s" / "config.yaml")  # what a resume reads back
+    assert saved.teacher.input == cfg.teacher.input and saved.hparams_hash() == cfg.hparams_hash()
     plain = build_config(None, None, ["method.name=kd", "student.name=resnet8", "teacher.name=resnet14", f"teacher.checkpoint={checkpoint}",
                                       "train.epochs=1", "train.device=cpu", "train.amp=off", "data.train_subset=200",
                                       f"out_dir={tmp_path}", "name=p"])

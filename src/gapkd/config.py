@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .errors import ConfigError, suggest
 from .plugins import import_plugins, plugin_list, with_command_line_plugins
@@ -110,6 +110,16 @@ class ModelConfig(_Strict):
         "distillation teacher's classifier gives the targets, so train the teacher first (gapkd train, where it is the student)",
     )
 
+    @model_serializer(mode="wrap")
+    def _without_unset_sources(self, handler):
+        """``hf`` and ``input`` are left out where unset, so config.yaml and run hashes are what they
+        were before these keys existed."""
+        dumped = handler(self)
+        for key in ("hf", "input"):
+            if isinstance(dumped, dict) and dumped.get(key) is None:
+                dumped.pop(key, None)
+        return dumped
+
     @model_validator(mode="before")
     @classmethod
     def _names_from_sources(cls, data: Any) -> Any:
@@ -126,6 +136,8 @@ class ModelConfig(_Strict):
                 raise ConfigError(f"hf={data['hf']} loads a Hugging Face model, but name is {data['name']!r}; drop name (or set name=hf).")
             data["name"] = "hf"
             data["options"] = {**(options if isinstance(options, dict) else {}), "path": str(data["hf"])}
+        elif str(data.get("name", "")).lower() == "hf":
+            raise ConfigError("name=hf is a Hugging Face model: set hf=FOLDER_OR_HUB_NAME (a folder written by save_pretrained).")
         checkpoint = data.get("checkpoint")
         if isinstance(checkpoint, str) and checkpoint.startswith("zoo:"):
             from .models import MODELS
@@ -226,9 +238,6 @@ def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
     for role in ("student", "teacher"):
         if payload.get(role) is not None and payload[role].get("init_head") == "load":
             del payload[role]["init_head"]
-        for key in ("hf", "input"):
-            if payload.get(role) is not None and payload[role].get(key) is None:
-                payload[role].pop(key, None)
     return payload
 
 
