@@ -58,8 +58,8 @@ def test_tuning_plans_each_configuration_once_then_only_the_chosen_one():
 def test_bad_tuning_settings_say_what_to_change():
     with pytest.raises(ConfigError, match="tuning.seed 0 is also an evaluation seed"):
         spec(tuning={"seed": 0})
-    with pytest.raises(ConfigError, match="tuning.on names"):
-        spec(tuning={"seed": 100, "on": ["resnet56"]})
+    with pytest.raises(ConfigError, match="tuning.teachers names"):
+        spec(tuning={"seed": 100, "teachers": ["resnet56"]})
     with pytest.raises(ConfigError, match="gates name method labels"):
         spec(gates={"method": "dkd", "min_gain": 1.0})
 
@@ -135,3 +135,25 @@ def test_gap_trend_is_the_slope_of_the_gains_over_the_baseline():
     assert [round(delta, 6) for _, _, delta in trend["gains"]] == [0.0, 1.0, 2.0]
     comparison = summary.comparisons[("d", "t3→s", "new")]
     assert comparison.p_holm >= comparison.p and not math.isnan(comparison.p_holm)
+
+
+def test_builtin_capacity_ladder_plan_and_pinned_teacher_keys():
+    """The CPU capacity ladder's plan; its teachers' keys are pinned because trained teachers are found by them
+    (a change to the base config or to run identity would silently retrain 3 teachers: change them on purpose)."""
+    from collections import Counter
+
+    study = resolve_study("capacity-ladder-cpu")
+    overrides = {"data": {"path": "/anywhere/cifar10-jpg-q75.tar.gz"}}
+    runs = expand(study, overrides)
+    assert {r.model: r.key for r in runs if r.role == "teacher"} == {
+        "resnet20": "4488d0815ff9", "resnet56": "1d70b2e196f4", "wrn_40_2": "7f78efee70a6"}
+    assert Counter(r.method for r in runs if r.phase == "tune") == {
+        m: 3 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "dfpt-kd", "dfpt-kd+")}
+    assert {r.teacher for r in runs if r.phase == "tune"} == {"resnet56"}
+    chosen = expand(study, overrides, choose=lambda key, candidates: 0)
+    evaluation = Counter(r.method for r in chosen if r.role == "student" and r.phase == "eval")
+    assert evaluation == {"scratch": 5, "takd": 5, **{m: 15 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "aid", "dfpt-kd", "dfpt-kd+")}}
+    assert {r.seed for r in chosen if r.phase == "eval" and r.role == "student"} == {0, 1, 2, 3, 4}
+    # where the data lies is not part of a run's identity
+    moved = expand(study, {"data": {"path": "/elsewhere/cifar10-jpg-q75.tar.gz"}})
+    assert [r.key for r in moved] == [r.key for r in runs]

@@ -76,9 +76,9 @@ class TuningSpec(_Strict):
     trains with every evaluation seed. The tuning seed's runs are never reported as results."""
 
     seed: int = Field(..., description="the tuning seed (not one of the study's seeds)")
-    on: Optional[list[str]] = Field(
+    teachers: Optional[list[str]] = Field(
         None, description="teacher labels of the pairs to tune on; the choice then applies to every pair of the "
-        "dataset and student (default: each pair is tuned on its own)")
+        "dataset and student (default, and for a method on none of these pairs: each pair is tuned on its own)")
 
 
 class GateSpec(_Strict):
@@ -125,11 +125,11 @@ class StudySpec(_Strict):
             raise ValueError(f"baseline {self.baseline!r} is not a method label; labels: {', '.join(self.methods)}")
         if self.tuning is not None and self.tuning.seed in self.seeds:
             raise ValueError(f"tuning.seed {self.tuning.seed} is also an evaluation seed; choose a seed outside {self.seeds}")
-        if self.tuning is not None and self.tuning.on is not None:
+        if self.tuning is not None and self.tuning.teachers is not None:
             teachers = {pair.teacher for pair in self.pairs}
-            unknown = [label for label in self.tuning.on if label not in teachers]
+            unknown = [label for label in self.tuning.teachers if label not in teachers]
             if unknown:
-                raise ValueError(f"tuning.on names {unknown}, which are not teachers of any pair ({sorted(map(str, teachers))})")
+                raise ValueError(f"tuning.teachers names {unknown}, which are not teachers of any pair ({sorted(map(str, teachers))})")
         if self.gates is not None and self.gates.min_gain is not None:
             missing = [label for label in (self.gates.method, self.gates.over) if label not in self.methods]
             if missing:
@@ -187,7 +187,7 @@ def builtin_studies() -> list[str]:
 
 
 def read_study(source: str | Path) -> dict[str, Any]:
-    """A study's raw mapping from a YAML path or a built-in name (capacity-cifar10, gap-ladder)."""
+    """A study's raw mapping from a YAML path or a built-in name (capacity-ladder-cpu, capacity-cifar10, gap-ladder)."""
     path = Path(source).expanduser()
     if path.is_file():
         return read_yaml(path)
@@ -230,6 +230,8 @@ def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None
     payload = omit_later_defaults(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
     payload["role"] = role
     payload["data"].pop("root", None)
+    if payload["data"].get("path") is not None:  # where the data lies on this machine, like root
+        payload["data"]["path"] = Path(payload["data"]["path"]).name
     for key in ("log_every", "threads"):
         payload["train"].pop(key, None)
     if pipeline:
@@ -307,23 +309,31 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: 
                 jobs.append((base, dataset, pair, label, entry, uses_teacher))
 
     tuning = spec.tuning
+    # methods with a pair among tuning.teachers share one choice per student; the others are tuned on each of their pairs
+    shared = {(job[1], job[2].student, job[3]) for job in jobs if tuning is not None and tuning.teachers and job[2].teacher in tuning.teachers}
+
+    def scope(dataset: str, pair: PairSpec, label: str) -> str:
+        return f"*→{pair.student}" if (dataset, pair.student, label) in shared else f"{pair.teacher}→{pair.student}"
+
     tune_runs: dict[tuple, list[PlannedRun]] = {}
     for job in jobs:  # the tuning runs first: every configuration once, with the tuning seed
         _, dataset, pair, label, entry, _ = job
         points = _grid_points(entry.grid, entry.points)
-        if tuning is None or len(points) < 2 or not (tuning.on is None or pair.teacher in tuning.on):
+        if tuning is None or len(points) < 2:
             continue
-        scope = _tuning_scope(tuning, pair)
+        if (dataset, pair.student, label) in shared and pair.teacher not in tuning.teachers:
+            continue  # chosen on the tuning pairs
+        scope_ = scope(dataset, pair, label)
         for index, point in enumerate(points):
             before = len(students)
-            student_run(job, point, tuning.seed, "tune", (dataset, scope, label, index))
+            student_run(job, point, tuning.seed, "tune", (dataset, scope_, label, index))
             if len(students) > before:
-                tune_runs.setdefault((dataset, scope, label), []).append(list(students.values())[-1])
+                tune_runs.setdefault((dataset, scope_, label), []).append(list(students.values())[-1])
     for job in jobs:
         _, dataset, pair, label, entry, _ = job
         points = _grid_points(entry.grid, entry.points)
         if tuning is not None and len(points) > 1:
-            key = (dataset, _tuning_scope(tuning, pair), label)
+            key = (dataset, scope(dataset, pair, label), label)
             index = choose(key, tune_runs.get(key, [])) if choose is not None and tune_runs.get(key) else None
             if index is None:
                 continue  # planned once its tuning runs have finished
@@ -333,11 +343,6 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: 
                 student_run(job, point, seed)
     ordered = list(teachers.values()) + list(students.values())
     return [replace(run, index=i) for i, run in enumerate(ordered)]
-
-
-def _tuning_scope(tuning: TuningSpec, pair: PairSpec) -> str:
-    """What one tuning choice covers: its own pair, or (with ``tuning.on``) every pair of the student."""
-    return f"{pair.teacher}→{pair.student}" if tuning.on is None else f"*→{pair.student}"
 
 
 def _check_registered(spec: StudySpec, where: str) -> None:
