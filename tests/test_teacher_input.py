@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gapkd.api import build_distiller, run
-from gapkd.config import build_config, omit_later_defaults
+from gapkd.config import build_config, identity_payload
 from gapkd.data import build_data
 from gapkd.errors import ConfigError
 from gapkd.methods import StepInfo
@@ -105,5 +105,9 @@ def test_bad_teacher_input_gets_one_clear_error():
     with pytest.raises(ConfigError, match="one value per channel of the data"):
         InputAdapter(create_model("resnet8", num_classes=10), *DATA, mean=[0.5], std=[0.5])
     # configs without teacher.input (or hf) hash as before these keys existed, so earlier runs keep their names
-    payload = omit_later_defaults(build_config(None, None, base).model_dump(mode="json"))
-    assert {"input", "hf"}.isdisjoint(payload["teacher"]) and {"input", "hf"}.isdisjoint(payload["student"])
+    # (and config.yaml, the dump, leaves them out too)
+    cfg = build_config(None, None, base)
+    for payload in (cfg.model_dump(mode="json"), identity_payload(cfg, "run_hash"), identity_payload(cfg, "study_key")):
+        assert {"input", "hf"}.isdisjoint(payload["teacher"]) and {"input", "hf"}.isdisjoint(payload["student"])
+    set_input = build_config(None, None, [*base, "teacher.input.size=64"])
+    assert identity_payload(set_input, "run_hash")["teacher"]["input"]["size"] == 64 and set_input.hparams_hash() != cfg.hparams_hash()

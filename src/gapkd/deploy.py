@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError, GapkdError, suggest
+from .core.errors import CheckpointError, ConfigError, GapkdError, suggest
+from .core.rundir import RunDir
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 CHECKPOINTS = ("best", "last")
@@ -62,15 +63,15 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
         ExportError: the exported outputs differ from PyTorch's by more than ``tolerance``.
         GapkdError: an optional package ONNX export needs is missing.
     """
-    from .api import load_model
+    from .build import load_model
     from .config import build_config
+    from .core.rundir import read_model_payload
     from .data import build_data
-    from .engine.checkpoint import safe_load
 
     fmt, ckpt, cfg_path = _check_request(run_dir, format, checkpoint, samples)
     if fmt == "onnx":
         _require(ONNX_PACKAGES, "ONNX export")
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     cfg = build_config(None, cfg_path, {"data": {"root": data_root}} if data_root else None)
     bundle = build_data(cfg.data, torch.device("cpu"), cfg.seed)
     images = _real_inputs(bundle, samples)
@@ -78,21 +79,13 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
     model = model.eval()
     with torch.no_grad():
         reference = model(images)
-    target = Path(out) if out is not None else run_dir / "export" / f"{Path(ckpt).stem}{FORMATS[fmt]}"
+    target = Path(out) if out is not None else run.export_dir / f"{Path(ckpt).stem}{FORMATS[fmt]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     # written into a scratch folder beside the target and moved into place only once it checks out
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
         staged = Path(scratch) / target.name
         with _quiet_exporters():
-            if fmt == "onnx":
-                _export_onnx(model, images[:2], staged)
-            elif fmt == "torchscript":
-                _export_torchscript(model, images[:2], staged)
-            else:
-                from .safetensors_io import save_safetensors
-
-                save_safetensors(safe_load(ckpt), staged)
-            outputs = _rebuilt_logits(staged, images, bundle.data) if fmt == "safetensors" else _run_exported(fmt, staged, images)
+            outputs = _write_and_run(fmt, model, ckpt, staged, images, bundle.data)
         diff = float((outputs - reference).abs().max())
         if not diff <= tolerance:  # also refuses NaN
             raise ExportError(
@@ -102,7 +95,7 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
             )
         for produced in Path(scratch).iterdir():  # the model file and, for large ONNX models, its .data file
             os.replace(produced, target.parent / produced.name)
-    payload = safe_load(ckpt)
+    payload = read_model_payload(ckpt)
     data = bundle.data
     result = {
         "path": str(target), "metadata": str(target) + ".json", "format": fmt, "checkpoint": str(ckpt), "model": name,
@@ -128,13 +121,13 @@ def _check_request(run_dir, format: str, checkpoint: str, samples: int) -> tuple
         raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}.")
     if samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}.")
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    cfg_path = run.config
     if not cfg_path.is_file():
-        what = "does not exist" if not run_dir.exists() else "holds no config.yaml"
+        what = "does not exist" if not run.path.exists() else "holds no config.yaml"
         raise ConfigError(f"{run_dir} {what}, so it is not a gapkd run directory; pass the folder a `gapkd train` or "
                           "`gapkd distill` run wrote (e.g. runs/<name>).")
-    ckpt = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    ckpt = run.checkpoint(checkpoint)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt} does not exist: the run has not finished an epoch yet"
                               + (" (or has not finished: last.pt is written at the end; use --checkpoint best)."
@@ -202,10 +195,25 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
     torch.jit.save(traced, str(path))
 
 
+def _write_and_run(fmt: str, model: torch.nn.Module, ckpt: Path, staged: Path, images: torch.Tensor, data) -> torch.Tensor:
+    """Write ``model`` (from ``ckpt``) as ``fmt`` to ``staged``; the logits of the written file for ``images``."""
+    if fmt == "onnx":
+        _export_onnx(model, images[:2], staged)
+    elif fmt == "torchscript":
+        _export_torchscript(model, images[:2], staged)
+    else:  # the model payload itself (its format: gapkd.core.rundir), its tensors without pickle
+        from .core.rundir import read_model_payload
+        from .core.safetensors_io import save_safetensors
+
+        save_safetensors(read_model_payload(ckpt), staged)
+        return _rebuilt_logits(staged, images, data)
+    return _run_exported(fmt, staged, images)
+
+
 def _rebuilt_logits(path: Path, images: torch.Tensor, data) -> torch.Tensor:
     """The logits of the model rebuilt from a safetensors file alone (the architecture and options in
     its header, then its weights)."""
-    from .api import load_model
+    from .build import load_model
 
     with torch.no_grad():
         return load_model(path, data)[0].eval()(images)

@@ -10,10 +10,12 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 #: Decorator for a method's hyper-parameter dataclass: validated, unknown keys refused.
-hparams = pydantic_dataclass(config=ConfigDict(extra="forbid"))
+#: The decorator of a method's hyper-parameter dataclass. Document each field with a one-line
+#: docstring under it (the one style; ``gapkd list methods -v`` prints them).
+hparams = pydantic_dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
 
 
 @hparams
@@ -161,6 +163,15 @@ class Distiller(nn.Module):
     @classmethod
     def hparam_defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in dataclasses.fields(cls.Hparams)}
+
+    @classmethod
+    def hparam_docs(cls) -> dict[str, str]:
+        """Each hyper-parameter's one-line docstring ('' where it has none)."""
+        def doc(name: str) -> str:  # a subclass's field keeps the docstring its base class gave it
+            found = (getattr(k, "__pydantic_fields__", {}).get(name) for k in cls.Hparams.__mro__)
+            return next((info.description for info in found if info is not None and info.description), "")
+
+        return {f.name: doc(f.name) for f in dataclasses.fields(cls.Hparams)}
 
 
 METHODS: Registry[type[Distiller]] = Registry("method")

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.checkpoint import safe_load
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
+from ..core.io import safe_load
+from ..core.rundir import is_model_payload
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "student")
 
 
 def extract_state_dict(payload) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a checkpoint: ours, bare, or inside the usual wrappers."""
-    if isinstance(payload, dict) and payload.get("format") == "gapkd-model":
+    if is_model_payload(payload):
         payload = payload["state_dict"]
     for _ in range(3):
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
@@ -125,8 +126,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> nn.
     """Load weights from ``path`` into ``model`` exactly (see module docstring); returns the model.
 
     ``prefix`` selects the keys under it (e.g. ``'student.'`` in a checkpoint of a whole
-    distiller) and strips it."""
-    state = extract_state_dict(safe_load(path))
+    distiller) and strips it. ``path`` may also be ``zoo:SET/NAME``, a teacher installed with ``gapkd teachers``."""
+    from ..teachers.manifest import checkpoint_path
+
+    state = extract_state_dict(safe_load(checkpoint_path(path)))
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import ConfigError, suggest
+from ..core.errors import ConfigError, suggest
 
 PREFIX = "zoo:"
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, GapkdError
+from ..core.errors import ConfigError, GapkdError
 from ..models.base import Features, StagedNet
 
 #: how many blocks of a transformer (tokens) model are its stages

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..models.adapter import _add_prefix, _strip_prefix
 from ..models.base import Features, StagedNet
 

@@ -24,62 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from ..errors import GapkdError
-from .catalogue import CATALOGUE, PREFIX, TeacherFile, TeacherSet, parse_reference, teacher_set
+from ..core.errors import GapkdError
+from .catalogue import CATALOGUE, TeacherFile, TeacherSet, teacher_set
+from .manifest import CHUNK, MANIFEST, TeacherError, read_manifest, reference_of, resolve, sha256_of, store_root
 
-CHUNK = 1 << 20
-MANIFEST = "manifest.json"
-
-
-class TeacherError(GapkdError):
-    """A teacher file or archive that cannot be fetched, imported or trusted."""
-
-
-def store_root() -> Path:
-    explicit = os.environ.get("GAPKD_TEACHERS")
-    if explicit:
-        return Path(explicit).expanduser()
-    from ..data.core import cache_dir
-
-    return cache_dir() / "teachers"
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(set_name: str, root: Path | None = None) -> dict:
-    path = (root or store_root()) / set_name / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise TeacherError(f"{path} is damaged (not JSON); delete the folder {path.parent} and run gapkd teachers fetch "
-                           f"{set_name} (or import) again.") from None
-    return manifest.get("files", {})
-
-
-def resolve(reference: str) -> Path:
-    """The installed file of ``zoo:SET/NAME``, after checking its sha256 against the manifest."""
-    chosen, entry = parse_reference(reference)
-    root = store_root()
-    record = read_manifest(chosen.name, root).get(entry.name)
-    how = f"gapkd teachers fetch {chosen.name}" if (chosen.url or entry.url) else f"gapkd teachers import PATH --set {chosen.name}"
-    if record is None:
-        raise TeacherError(f"{reference} is not installed (store: {root}); install it with {how}, or with gapkd teachers "
-                           "import PATH if you already have the files.")
-    path = root / chosen.name / record["file"]
-    if not path.is_file():
-        raise TeacherError(f"{reference}: its file {path} is gone; install it again with {how}.")
-    if sha256_of(path) != record["sha256"]:
-        raise TeacherError(f"{reference}: {path} changed after it was installed (its sha256 is no longer the recorded "
-                           f"{record['sha256'][:16]}...), so it is not used. Install it again with {how}.")
-    return path
+__all__ = ["CHUNK", "MANIFEST", "TeacherError", "download", "fetch", "install", "installed", "read_manifest", "reference_of",
+           "resolve", "sha256_of", "store_root"]
 
 
 # --- downloading -------------------------------------------------------------------------
@@ -287,7 +237,7 @@ def _check_published_hash(entry: TeacherFile, digest: str, member: str) -> None:
 
 
 def _check_loads(path: Path, entry: TeacherFile, label: str) -> None:
-    from ..engine.checkpoint import safe_load
+    from ..core.io import safe_load
     from ..models import create_model, extract_state_dict, load_state_dict_strict
 
     try:
@@ -298,7 +248,7 @@ def _check_loads(path: Path, entry: TeacherFile, label: str) -> None:
 
 
 def _write_manifest(folder: Path, set_name: str, files: dict) -> None:
-    from ..engine.checkpoint import atomic_write_text
+    from ..core.io import atomic_write_text
 
     atomic_write_text(folder / MANIFEST, json.dumps({"set": set_name, "files": files}, indent=1, sort_keys=True) + "\n")
 
@@ -351,8 +301,4 @@ def installed(root: Path | None = None) -> Iterator[tuple[TeacherSet, TeacherFil
         records = read_manifest(chosen.name, root)
         for entry in chosen.files:
             yield chosen, entry, records.get(entry.name)
-
-
-def reference_of(chosen: TeacherSet, entry: TeacherFile) -> str:
-    return f"{PREFIX}{chosen.name}/{entry.name}"
 

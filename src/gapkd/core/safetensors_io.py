@@ -1,8 +1,9 @@
 """Weights as ``.safetensors`` files: plain tensors and a JSON header, no pickle at all.
 
-A gapkd model checkpoint (``{"format": "gapkd-model", "model": ..., "state_dict": {...}, ...}``)
-is written with its tensors as the file's tensors and every other field, as JSON, under the
-header's ``gapkd`` metadata key; it reads back to the same dict, so every command that accepts a
+A checkpoint dict with a ``state_dict`` entry (a run's model payload, whose format
+:mod:`gapkd.core.rundir` owns) is written with those tensors as the file's tensors and every other
+field, as JSON, under the header's ``gapkd`` metadata key; it reads back to the same dict, and
+:func:`gapkd.core.io.safe_load` reads ``.safetensors`` files this way, so every command that accepts a
 checkpoint accepts the ``.safetensors`` file too. A foreign ``.safetensors`` file (a bare state
 dict, as Hugging Face and timm publish them) reads back as that state dict.
 
@@ -33,10 +34,10 @@ def _package():
 
 
 def save_safetensors(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write a gapkd model checkpoint (or a bare state dict) to ``path``, atomically (a temporary
-    file beside it, then a rename)."""
+    """Write a checkpoint dict with a ``state_dict`` entry (a model payload, :func:`gapkd.core.rundir.read_model_payload`)
+    or a bare state dict to ``path``, atomically (a temporary file beside it, then a rename)."""
     st = _package()
-    if payload.get("format") == "gapkd-model":
+    if isinstance(payload.get("state_dict"), dict):
         tensors = payload["state_dict"]
         meta = {k: v for k, v in payload.items() if k != "state_dict"}
         metadata = {_META_KEY: json.dumps(meta)}
@@ -55,8 +56,8 @@ def save_safetensors(payload: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
-    """What :func:`save_safetensors` wrote: a gapkd model checkpoint dict, or the bare state dict of
-    a foreign file."""
+    """What :func:`save_safetensors` wrote: the checkpoint dict (a model payload), or the bare state
+    dict of a foreign file."""
     st = _package()
     from safetensors import safe_open
 

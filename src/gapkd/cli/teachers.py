@@ -1,5 +1,4 @@
-"""``gapkd teachers list | fetch NAME | import PATH``: one small parser and one handler, so the
-command line's home can move without touching them."""
+"""`gapkd teachers list|fetch|import`: the teacher store's subcommands (gapkd.teachers does the work)."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +40,7 @@ def add_teachers_parser(sub, parents=()) -> None:
 
 
 def teachers_command(args) -> int:
-    from . import store
+    from ..teachers import store
 
     echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.teachers_command == "list":
