@@ -26,6 +26,9 @@
   -> resnet8x4, the capacity-study recipe, teachers cifar10/teachers/ladder-<model>.yaml). AB, FT and FSP run
   their 30 initialisation epochs first in the same run: the recipe adds them to the epochs and shifts the step
   milestones by 30, so the rest keeps the published schedule (the cosine ladder recipes add them to the epochs).
+- cifar100-mdistiller/<teacher>-<student>/<method>.yaml: the CIFAR-100 recipes above with the published
+  teacher instead of one you train: teacher.checkpoint is zoo:mdistiller/<teacher>, installed with
+  `gapkd teachers fetch mdistiller` or `gapkd teachers import cifar_teachers.tar` (docs/teachers.md).
 - cifar10/: the same pairs on CIFAR-10, plus the capacity study's ResNet pairs (logit-kd,
   feature-kd; specs/capacity-study.md) with their own teachers (teachers/study-<model>.yaml) and
   from-scratch baselines (baselines/study-<model>.yaml).
@@ -59,6 +62,8 @@ STANDARD_PAIRS = [
     ("vgg13", "mobilenetv2", 6.0),
     ("resnet50_cifar", "mobilenetv2", 8.0),  # RepDistiller's CIFAR ResNet50 (`ResNet50` there)
 ]
+# the names of those teachers in mdistiller's release where they differ from ours (gapkd teachers list)
+MDISTILLER_NAMES = {"resnet50_cifar": "ResNet50"}
 # the capacity study: torchvision-style ResNets with the CIFAR stem (3x3 stride-1 conv, no max-pool)
 STUDY_PAIRS = [("resnet34_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet34_cifar"),
                ("resnet101_cifar", "resnet34_cifar")]
@@ -234,6 +239,11 @@ def recipes() -> dict[str, dict]:
                 out[f"{dataset}/{teacher_model}-{student}/{method}.yaml"] = distill(
                     dataset, teacher_model, student, method, method_hparams(method, dkd_beta), standard_recipe(dataset, student)
                 )
+    for teacher_model, student, dkd_beta in STANDARD_PAIRS:  # the same with mdistiller's released teachers
+        for method in METHODS:
+            recipe = distill("cifar100", teacher_model, student, method, method_hparams(method, dkd_beta), standard_recipe("cifar100", student))
+            recipe["teacher"]["checkpoint"] = f"zoo:mdistiller/{MDISTILLER_NAMES.get(teacher_model, teacher_model)}"
+            out[f"cifar100-mdistiller/{teacher_model}-{student}/{method}.yaml"] = recipe
     for teacher_model, student in STUDY_PAIRS:
         out[f"cifar10/teachers/study-{teacher_model}.yaml"] = teacher("cifar10", teacher_model, study_recipe(200), prefix="study-")
         for method in ("logit-kd", "feature-kd"):

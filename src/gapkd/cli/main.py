@@ -41,13 +41,16 @@ EXAMPLES = {
         The exported file is written only when its logits on real test images of the run's dataset
         match PyTorch's (onnxruntime runs the ONNX file; the TorchScript file is loaded back). A
         sidecar <file>.json records the input shape, the normalisation, the class names and the
-        measured difference. ONNX needs: pip install "gapkd[export]". TorchScript is traced at the
+        measured difference. ONNX needs: pip install "gapkd[export]"; safetensors (the weights and
+        how to rebuild them; loaded by every command that takes a checkpoint) needs
+        pip install "gapkd[safetensors]". TorchScript is traced at the
         run's image size (torch.jit is deprecated upstream in favour of torch.export, but libtorch
         still loads it).
 
         examples:
           gapkd export runs/kd-r20 --format onnx                      # -> runs/kd-r20/export/best.onnx
           gapkd export runs/simkd-r20 --format torchscript --checkpoint last --out simkd.pt
+          gapkd export runs/kd-r20 --format safetensors              # -> runs/kd-r20/export/best.safetensors
     """,
     "aid": """
         The same as `gapkd pipeline aid` (kept as a shorter spelling).
@@ -125,9 +128,9 @@ def _add_checkpoint_commands(add) -> None:
     an.add_argument("--device", default="auto")
     an.add_argument("--json", action="store_true", help="print JSON only (with per-class spreads)")
 
-    ex = add("export", "Export a run's deployable model (ONNX or TorchScript), checked against PyTorch on real inputs.")
+    ex = add("export", "Export a run's deployable model (ONNX, TorchScript or safetensors), checked against PyTorch on real inputs.")
     ex.add_argument("run_dir", help="a run directory (holds config.yaml and checkpoints/)")
-    ex.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    ex.add_argument("--format", default="onnx", help="onnx (default), torchscript or safetensors (weights only, no pickle)")
     ex.add_argument("--out", help="output file (default: RUN_DIR/export/<checkpoint>.onnx or .torchscript.pt)")
     ex.add_argument("--checkpoint", default="best", help="best (best validation epoch, default) or last")
     ex.add_argument("--samples", type=int, default=8, help="test images the check runs on (default 8)")
@@ -187,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--data-root")
 
     from .study import add_study_parser
+    from .teachers import add_teachers_parser
 
     add_study_parser(sub)
+    add_teachers_parser(sub, parents=[plugin_option()])
     return parser
 
 
@@ -374,8 +379,15 @@ def _study(args) -> int:
     return study_command(args)
 
 
+def _teachers(args) -> int:
+    from .teachers import teachers_command
+
+    return teachers_command(args)
+
+
 COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
-            "export": _export, "data": _data, "list": _list, "quickstart": _quickstart, "study": _study}
+            "export": _export, "data": _data, "list": _list, "quickstart": _quickstart, "study": _study,
+            "teachers": _teachers}
 
 if __name__ == "__main__":
     sys.exit(main())
