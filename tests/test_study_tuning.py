@@ -146,7 +146,7 @@ def test_builtin_capacity_ladder_plan_and_pinned_teacher_keys():
     overrides = {"data": {"path": "/anywhere/cifar10-jpg-q75.tar.gz"}}
     runs = expand(study, overrides)
     assert {r.model: r.key for r in runs if r.role == "teacher"} == {
-        "resnet20": "4488d0815ff9", "resnet56": "1d70b2e196f4", "wrn_40_2": "7f78efee70a6"}
+        "resnet20": "5a749c5379fb", "resnet56": "3d9228a44132", "wrn_40_2": "b59114c97570"}
     assert Counter(r.method for r in runs if r.phase == "tune") == {
         **{m: 3 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "dfpt-kd", "dfpt-kd+", "kd-ls", "nkd", "wttm", "sdd")}, "mlkd": 2}
     assert {r.teacher for r in runs if r.phase == "tune"} == {"resnet56"}
