@@ -23,7 +23,7 @@ def make_step(cfg, data):
     optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
     batch = next(iter(bundle.train.epoch(0)))
-    info = StepInfo(0, 0, 1, 1, batch.indices)
+    info = StepInfo(0, 0, 1, 1, batch.indices, getattr(batch, "strong_images", None))
 
     cuda_graphs = uses_cuda_graphs(cfg.train)
 

@@ -19,6 +19,16 @@
   teacher and the student from torchvision's ImageNet weights under weights/ with a fresh 200-class
   classifier (init_head: reset), at lr 0.01 (one tenth of the from-scratch lr, a usual fine-tuning
   choice, not a published recipe); everything else as above.
+- ab, ft, fsp, ofd (issue 18 part B): RepDistiller's (AB, FT, FSP) and mdistiller's (OFD) CIFAR-100 settings on
+  the standard pairs each method supports (AB and OFD need pre-ReLU features, so no ShuffleNet or MobileNet
+  student or teacher; FSP needs equal channels at every stage) plus resnet50_cifar -> vgg8, RepDistiller's
+  heterogeneous pair for AB; and the CIFAR-10 gap ladder under cifar10/ladder/ (teachers of growing capacity
+  -> resnet8x4, the capacity-study recipe, teachers cifar10/teachers/ladder-<model>.yaml). AB, FT and FSP run
+  their 30 initialisation epochs first in the same run: the recipe adds them to the epochs and shifts the step
+  milestones by 30, so the rest keeps the published schedule (the cosine ladder recipes add them to the epochs).
+- cifar100-mdistiller/<teacher>-<student>/<method>.yaml: the CIFAR-100 recipes above with the published
+  teacher instead of one you train: teacher.checkpoint is zoo:mdistiller/<teacher>, installed with
+  `gapkd teachers fetch mdistiller` or `gapkd teachers import cifar_teachers.tar` (docs/teachers.md).
 - cifar10/: the same pairs on CIFAR-10, plus the capacity study's ResNet pairs (logit-kd,
   feature-kd; specs/capacity-study.md) with their own teachers (teachers/study-<model>.yaml) and
   from-scratch baselines (baselines/study-<model>.yaml).
@@ -52,6 +62,8 @@ STANDARD_PAIRS = [
     ("vgg13", "mobilenetv2", 6.0),
     ("resnet50_cifar", "mobilenetv2", 8.0),  # RepDistiller's CIFAR ResNet50 (`ResNet50` there)
 ]
+# the names of those teachers in mdistiller's release where they differ from ours (gapkd teachers list)
+MDISTILLER_NAMES = {"resnet50_cifar": "ResNet50"}
 # the capacity study: torchvision-style ResNets with the CIFAR stem (3x3 stride-1 conv, no max-pool)
 STUDY_PAIRS = [("resnet34_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet18_cifar"), ("resnet50_cifar", "resnet34_cifar"),
                ("resnet101_cifar", "resnet34_cifar")]
@@ -76,6 +88,65 @@ def method_hparams(method: str, dkd_beta: float) -> dict:
         "nst": {"beta": 50.0, "ce_weight": 1.0},
         "kdsvd": {"beta": 1.0, "k": 1, "layout": "paper", "ce_weight": 1.0},
     }[method]
+
+
+# ----------------------------------------------------------- issue 18 part B: AB, FT, FSP, OFD
+INIT_PHASE_METHODS = ("ab", "ft", "fsp", "ofd")
+INIT_EPOCHS = 30  # RepDistiller's --init_epochs
+PREACT_FAMILIES = ("resnet", "wrn_", "vgg")  # models whose Features carry pre-ReLU stage outputs
+FSP_PAIRS = {("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("vgg13", "vgg8")}
+LADDER_TEACHERS = ("resnet20", "resnet32", "resnet56", "resnet110", "wrn_40_2", "resnet32x4")  # the gap ladder study's rungs
+LADDER_STUDENT = "resnet8x4"
+
+
+def init_phase_supports(method: str, teacher_model: str, student: str) -> bool:
+    if method in ("ab", "ofd"):
+        return all(m.startswith(PREACT_FAMILIES) for m in (teacher_model, student))
+    return method == "ft" or (teacher_model, student) in FSP_PAIRS
+
+
+def init_phase_hparams(method: str, student: str) -> dict:
+    """RepDistiller's run_cifar_distill.sh (-a 0 -b 1 / 200 / 50, the b of AB and FSP unused after the
+    initialisation) and mdistiller's OFD config."""
+    return {
+        "ab": {"init_epochs": INIT_EPOCHS, "margin": 1.0, "loss_scale": 3e-3, "ce_weight": 1.0, "ab_weight": 0.0},
+        # RepDistiller pre-trains the paraphraser at lr 0.01 for ResNet/WRN students, else at the base lr
+        "ft": {"init_epochs": INIT_EPOCHS, "beta": 200.0, "ce_weight": 1.0, "rate": 0.5, "p": 2.0,
+               "paraphraser_lr_mult": 0.2 if student.startswith(("resnet", "wrn_")) else 1.0},
+        "fsp": {"init_epochs": INIT_EPOCHS, "ce_weight": 1.0, "fsp_weight": 0.0},
+        "ofd": {"feat_weight": 1e-3, "ce_weight": 1.0, "connector_kernel": 1},
+    }[method]
+
+
+def with_init_epochs(recipe: dict, hyper: dict) -> dict:
+    """The initialisation epochs come first: add them to the run and shift the step milestones past them."""
+    extra = hyper.get("init_epochs", 0)
+    schedule = dict(recipe["schedule"])
+    if schedule["name"] == "step":
+        schedule["milestones"] = [m + extra for m in schedule["milestones"]]
+    return {**recipe, "schedule": schedule, "train": {**recipe["train"], "epochs": recipe["train"]["epochs"] + extra}}
+
+
+def init_phase_recipes() -> dict[str, dict]:
+    out = {}
+    pairs = [(t, s) for t, s, _ in STANDARD_PAIRS] + [("resnet50_cifar", "vgg8")]
+    for dataset in ("cifar100", "cifar10"):
+        for teacher_model, student in pairs:
+            for method in INIT_PHASE_METHODS:
+                if init_phase_supports(method, teacher_model, student):
+                    hyper = init_phase_hparams(method, student)
+                    out[f"{dataset}/{teacher_model}-{student}/{method}.yaml"] = distill(
+                        dataset, teacher_model, student, method, hyper, with_init_epochs(standard_recipe(dataset, student), hyper)
+                    )
+    for teacher_model in LADDER_TEACHERS:
+        out[f"cifar10/teachers/ladder-{teacher_model}.yaml"] = teacher("cifar10", teacher_model, study_recipe(200), prefix="ladder-")
+        for method in INIT_PHASE_METHODS:
+            if init_phase_supports(method, teacher_model, LADDER_STUDENT):
+                hyper = init_phase_hparams(method, LADDER_STUDENT)
+                out[f"cifar10/ladder/{teacher_model}-{LADDER_STUDENT}/{method}.yaml"] = distill(
+                    "cifar10", teacher_model, LADDER_STUDENT, method, hyper, with_init_epochs(study_recipe(100), hyper), prefix="ladder-"
+                )
+    return out
 
 
 def standard_recipe(dataset: str, model: str) -> dict:
@@ -168,6 +239,11 @@ def recipes() -> dict[str, dict]:
                 out[f"{dataset}/{teacher_model}-{student}/{method}.yaml"] = distill(
                     dataset, teacher_model, student, method, method_hparams(method, dkd_beta), standard_recipe(dataset, student)
                 )
+    for teacher_model, student, dkd_beta in STANDARD_PAIRS:  # the same with mdistiller's released teachers
+        for method in METHODS:
+            recipe = distill("cifar100", teacher_model, student, method, method_hparams(method, dkd_beta), standard_recipe("cifar100", student))
+            recipe["teacher"]["checkpoint"] = f"zoo:mdistiller/{MDISTILLER_NAMES.get(teacher_model, teacher_model)}"
+            out[f"cifar100-mdistiller/{teacher_model}-{student}/{method}.yaml"] = recipe
     for teacher_model, student in STUDY_PAIRS:
         out[f"cifar10/teachers/study-{teacher_model}.yaml"] = teacher("cifar10", teacher_model, study_recipe(200), prefix="study-")
         for method in ("logit-kd", "feature-kd"):
@@ -193,6 +269,7 @@ def recipes() -> dict[str, dict]:
             out[f"cub200/{teacher_model}-{student}-imagenet/{method}.yaml"] = {**recipe, "student": from_imagenet(student)}
     for model in STUDY_BASELINES:
         out[f"cifar10/baselines/study-{model}.yaml"] = {"student": {"name": model}, "method": {"name": "ce"}, **study_recipe(100)}
+    out.update(init_phase_recipes())
     return out
 
 

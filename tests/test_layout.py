@@ -16,7 +16,7 @@ SRC = ROOT / "src" / "gapkd"
 #: (errors, registry, plugins, pipeline_aid, ... are the old import paths, aliases of the moved modules)
 LAYERS = [
     {"core", "errors", "registry", "plugins"},
-    {"models", "data"},
+    {"models", "data", "teachers"},
     {"methods", "testing"},
     {"analysis", "config"},
     {"engine"},

@@ -367,19 +367,6 @@ def test_gradients_reach_exactly_the_trained_parameters_and_the_teacher_stays_id
 # ---------------------------------------------------------------------------- end to end on digits
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    """resnet14 trained for one epoch on digits (a second or two on CPU)."""
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = build_config({
-        "out_dir": str(out), "name": "teacher", "student": {"name": "resnet14"},
-        "data": {"name": "digits", "batch_size": 64, "augment": {"crop_padding": 1, "flip": False}},
-        "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 1, "device": "cpu", "log_every": 1000},
-    })
-    run(cfg, echo=False)
-    return run_dir_for(cfg) / "checkpoints" / "best.pt"
-
-
 def _distill_cfg(tiny_overrides, teacher, method, *extra):
     return build_config(tiny_overrides, overrides=[f"name={method}", f"method.name={method}", "teacher.name=resnet14",
                                                     f"teacher.checkpoint={teacher}", *extra])
@@ -410,27 +397,14 @@ def test_simkd_checkpoint_refuses_a_plain_student_load(tiny_overrides, digits_te
         load_checkpoint(create_model("resnet8", num_classes=10, in_channels=1), run_dir_for(cfg) / "checkpoints" / "best.pt")
 
 
-def test_crd_end_to_end_and_resume_is_exact(tiny_overrides, digits_teacher, monkeypatch):
+def test_crd_end_to_end_and_resume_is_exact(tiny_overrides, digits_teacher, killed_then_resumed):
     extra = ["method.num_negatives=256"]
     straight = _distill_cfg(tiny_overrides, digits_teacher, "crd", *extra)
     summary = run(straight, echo=False)
     assert summary["best_val_acc"] > 30
 
     interrupted = build_config(straight.model_dump(), overrides=["name=crd-interrupted"])
-    import gapkd.engine.trainer as trainer
-
-    real_save = trainer.atomic_save
-
-    def crash_after_first_state(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
-    with pytest.raises(KeyboardInterrupt):
-        run(interrupted, echo=False)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
-    run(interrupted, echo=False)
+    killed_then_resumed(interrupted)
     a = safe_load(run_dir_for(straight) / "checkpoints" / "state.pt")["model"]
     b = safe_load(run_dir_for(interrupted) / "checkpoints" / "state.pt")["model"]
     assert {"memory_student", "memory_teacher", "normalizers"} <= set(a)

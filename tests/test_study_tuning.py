@@ -146,13 +146,14 @@ def test_builtin_capacity_ladder_plan_and_pinned_teacher_keys():
     overrides = {"data": {"path": "/anywhere/cifar10-jpg-q75.tar.gz"}}
     runs = expand(study, overrides)
     assert {r.model: r.key for r in runs if r.role == "teacher"} == {
-        "resnet20": "4488d0815ff9", "resnet56": "1d70b2e196f4", "wrn_40_2": "7f78efee70a6"}
+        "resnet20": "5a749c5379fb", "resnet56": "3d9228a44132", "wrn_40_2": "b59114c97570"}
     assert Counter(r.method for r in runs if r.phase == "tune") == {
-        m: 3 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "dfpt-kd", "dfpt-kd+")}
+        **{m: 3 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "dfpt-kd", "dfpt-kd+", "kd-ls", "nkd", "wttm", "sdd")}, "mlkd": 2}
     assert {r.teacher for r in runs if r.phase == "tune"} == {"resnet56"}
     chosen = expand(study, overrides, choose=lambda key, candidates: 0)
     evaluation = Counter(r.method for r in chosen if r.role == "student" and r.phase == "eval")
-    assert evaluation == {"scratch": 5, "takd": 5, **{m: 15 for m in ("kd", "dkd", "dist", "ctkd", "simkd", "aid", "dfpt-kd", "dfpt-kd+")}}
+    assert evaluation == {"scratch": 5, "takd": 5, "dgkd": 5, **{m: 15 for m in (
+        "kd", "dkd", "dist", "ctkd", "simkd", "aid", "dfpt-kd", "dfpt-kd+", "kd-ls", "nkd", "wttm", "sdd", "mlkd")}}
     assert {r.seed for r in chosen if r.phase == "eval" and r.role == "student"} == {0, 1, 2, 3, 4}
     # where the data lies is not part of a run's identity
     moved = expand(study, {"data": {"path": "/elsewhere/cifar10-jpg-q75.tar.gz"}})

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import torch
 
 from .config import ModelConfig, RunConfig
+from .core.errors import ConfigError
 from .data import DataBundle, ImageData
 from .engine.runtime import Runtime
 from .methods import METHODS, Distiller, TaskInfo
@@ -16,16 +18,47 @@ from .models.fold import fold_batchnorm
 
 def build_model(model_cfg: ModelConfig, data: ImageData, role: str) -> torch.nn.Module:
     """Create a zoo model sized for ``data`` and load its checkpoint when one is named (every weight
-    but the classifier's with ``init_head=reset``: the classifier keeps its fresh initialisation)."""
+    but the classifier's with ``init_head=reset``: the classifier keeps its fresh initialisation).
+    ``hf`` builds a Hugging Face model instead; ``input`` (a teacher's) adapts each batch to it."""
+    probe = model_cfg.input.size if model_cfg.input is not None and model_cfg.input.size else data.image_size
+    # with a checkpoint, the file gives a Hugging Face model's classifier: start from one of the data's size
+    factory = _factory(data, role, probe, reset_hf_head=model_cfg.init_head == "reset" or bool(model_cfg.checkpoint))
     if not model_cfg.checkpoint:
-        return create_model(model_cfg.name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg.options)
-    return model_from_checkpoint(model_cfg.checkpoint, data.num_classes, data.in_channels, name=model_cfg.name,
-                                 options=model_cfg.options, role=role, reset_head=model_cfg.init_head == "reset", dataset=data.name)[0]
+        model = factory(model_cfg.name, model_cfg.options)
+    else:
+        model = model_from_checkpoint(model_cfg.checkpoint, data.num_classes, data.in_channels, name=model_cfg.name,
+                                      options=model_cfg.options, role=role, reset_head=model_cfg.init_head == "reset",
+                                      dataset=data.name, factory=factory)[0]
+    if model_cfg.input is not None:
+        from .teachers.input import adapt_input
+
+        model = adapt_input(model, model_cfg.input, data)
+    return model
+
+
+def _factory(data: ImageData, role: str, probe: int, reset_hf_head: bool = True) -> Callable[[str, dict[str, Any]], torch.nn.Module]:
+    """``factory(name, options)``: a zoo model for ``data``, or (name ``hf``, ``options.path``) a Hugging
+    Face image classifier wrapped as a StagedNet, probed at ``probe`` pixels."""
+    def factory(name: str, options: dict[str, Any]) -> torch.nn.Module:
+        if name.lower() != "hf":
+            return create_model(name, num_classes=data.num_classes, in_channels=data.in_channels, **options)
+        from .teachers.hf import hf_model
+
+        unknown = set(options) - {"path", "stages"}
+        if unknown:
+            raise ConfigError(f"{role}.options {sorted(unknown)}: a Hugging Face model takes only options.stages (how many "
+                              "evenly spaced transformer blocks are its stages).")
+        return hf_model(options["path"], data.num_classes, probe, role=role, stages=int(options.get("stages", 4)),
+                        reset_head=reset_hf_head)
+
+    return factory
 
 
 def load_model(checkpoint: str | os.PathLike, data: ImageData, model_name: str | None = None, role: str = "model") -> tuple[torch.nn.Module, str]:
-    """A model from a checkpoint file and its architecture's name, read from the file (ours) or given by ``model_name``."""
-    return model_from_checkpoint(checkpoint, data.num_classes, data.in_channels, name=model_name, role=role, dataset=data.name)
+    """A model from a checkpoint file (``.pt``, ``.safetensors`` or ``zoo:SET/NAME``) and its architecture's
+    name, read from the file (ours), the teacher catalogue (``zoo:``) or given by ``model_name``."""
+    return model_from_checkpoint(checkpoint, data.num_classes, data.in_channels, name=model_name, role=role, dataset=data.name,
+                                 factory=_factory(data, role, data.image_size))
 
 
 def build_distiller(cfg: RunConfig, data: ImageData, num_train: int | None = None) -> Distiller:

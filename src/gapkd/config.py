@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .core.errors import ConfigError, suggest
 from .core.plugins import import_plugins, plugin_list, with_command_line_plugins
@@ -46,14 +46,36 @@ def identity_payload(model: BaseModel, which: str, dumped: dict[str, Any] | None
     payload = {}
     for name, info in type(model).model_fields.items():
         mark = ((info.json_schema_extra or {}).get("identity") or {}).get(which, "always")
+        if name not in dumped:  # a section that leaves a field out of its dump where unset (ModelConfig's hf, input)
+            continue
         if mark == "never" or (mark == "when-set" and dumped[name] == _json(info.get_default(call_default_factory=True))):
             continue
         value = getattr(model, name)
         if mark == "file-name" and dumped[name] is not None:
             payload[name] = Path(dumped[name]).name
+        elif isinstance(value, MethodConfig):
+            payload[name] = _method_identity(dumped[name], which)
         else:
             payload[name] = identity_payload(value, which, dumped[name]) if isinstance(value, _Strict) else dumped[name]
     return payload
+
+
+def _method_identity(dumped: dict[str, Any], which: str) -> dict[str, Any]:
+    """The method section as hashed: a hyper-parameter its dataclass marks "when-set"
+    (``gapkd.methods.base.added_later``) is left out while it holds its default."""
+    from .methods import METHODS  # the methods own their hyper-parameter schemas
+
+    if dumped.get("name") not in METHODS:
+        return dumped
+    fields = getattr(METHODS.get(dumped["name"]).Hparams, "__pydantic_fields__", {})
+    out = {}
+    for key, value in dumped.items():
+        info = fields.get(key)
+        mark = ((info.json_schema_extra or {}).get("identity") or {}).get(which, "always") if info is not None else "always"
+        if mark == "when-set" and value == _json(info.get_default(call_default_factory=True)):
+            continue
+        out[key] = value
+    return out
 
 
 def _json(value: Any) -> Any:
@@ -68,6 +90,11 @@ class AugmentConfig(_Strict):
 
     crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop); in-memory datasets")
     flip: bool = Field(True, description="random horizontal flip")
+    strong: bool = Field(
+        False, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="also give every training batch a strongly augmented view of the same images (its own crop and flip, "
+        "then RandAugment with 2 operations and Cutout, as FixMatch and MLKD), batched on the device and seeded; methods read it "
+        "as StepInfo.strong_images (mlkd needs it); in-memory datasets",
+    )
     scale: tuple[float, float] = Field(
         (0.08, 1.0), json_schema_extra=identity(run_hash="when-set"), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
     )
@@ -112,9 +139,34 @@ class DataConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
+class InputConfig(_Strict):
+    """``teacher.input``: the images the teacher was trained on, when they differ from the data's. The
+    student's batch is converted on the device, once per teacher forward (docs/teachers.md)."""
+
+    size: Optional[int] = Field(None, ge=8, description="side of the square images the teacher was trained at (e.g. 224); "
+                                "the batch is resized to it bilinearly (antialiased when shrinking). Default: the data's size")
+    mean: Optional[list[float]] = Field(None, description="the teacher's per-channel normalisation mean, in its channel order, "
+                                        "for images in [0, 1] (ImageNet: [0.485, 0.456, 0.406]). Default: the data's")
+    std: Optional[list[float]] = Field(None, description="the teacher's per-channel normalisation std (ImageNet: "
+                                       "[0.229, 0.224, 0.225]). Default: the data's")
+    channels: Literal["rgb", "bgr"] = Field("rgb", description="the teacher's channel order (the data is RGB)")
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> "InputConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("teacher.input.mean and teacher.input.std go together: set both (or neither)")
+        return self
+
+
 class ModelConfig(_Strict):
-    name: str = Field(..., description="model name (gapkd list models)")
-    checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher)")
+    name: str = Field(..., description="model name (gapkd list models); 'hf' with hf=..., and taken from the catalogue with "
+                      "checkpoint=zoo:SET/NAME when not given")
+    checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher): a file (.pt, .pth, "
+                                      ".safetensors) or zoo:SET/NAME, a teacher installed with gapkd teachers fetch|import")
+    hf: Optional[str] = Field(None, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="a Hugging Face image classifier: a folder written by save_pretrained, or a hub "
+                              'name (needs a network); pip install "gapkd[hf]"')
+    input: Optional[InputConfig] = Field(None, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="a teacher's input size, normalisation and channel order, when "
+                                         "they differ from the data's (teacher only)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
     init_head: Literal["load", "reset"] = Field(
         "load", json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="the classifier's weights: 'load' takes them from checkpoint like every other weight (its class "
@@ -122,6 +174,45 @@ class ModelConfig(_Strict):
         "the data's classes, to start from weights trained on another label set (e.g. ImageNet's). A student's option: a "
         "distillation teacher's classifier gives the targets, so train the teacher first (gapkd train, where it is the student)",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_sources(self, handler):
+        """``hf`` and ``input`` are left out where unset, so config.yaml and run hashes are what they
+        were before these keys existed."""
+        dumped = handler(self)
+        for key in ("hf", "input"):
+            if isinstance(dumped, dict) and dumped.get(key) is None:
+                dumped.pop(key, None)
+        return dumped
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_sources(cls, data: Any) -> Any:
+        """``hf=PATH`` makes the model 'hf' (its path kept in options, so checkpoints rebuild it); a
+        ``zoo:SET/NAME`` checkpoint names its architecture."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        options = data.get("options") or {}
+        if data.get("hf") is None and str(data.get("name", "")).lower() == "hf" and isinstance(options, dict) and options.get("path"):
+            data["hf"] = options["path"]
+        if data.get("hf") is not None:
+            if str(data.setdefault("name", "hf")).lower() != "hf":
+                raise ConfigError(f"hf={data['hf']} loads a Hugging Face model, but name is {data['name']!r}; drop name (or set name=hf).")
+            data["name"] = "hf"
+            data["options"] = {**(options if isinstance(options, dict) else {}), "path": str(data["hf"])}
+        elif str(data.get("name", "")).lower() == "hf":
+            raise ConfigError("name=hf is a Hugging Face model: set hf=FOLDER_OR_HUB_NAME (a folder written by save_pretrained).")
+        checkpoint = data.get("checkpoint")
+        if isinstance(checkpoint, str) and checkpoint.startswith("zoo:"):
+            from .models import MODELS
+            from .teachers.catalogue import parse_reference
+
+            _, entry = parse_reference(checkpoint)
+            name = data.setdefault("name", entry.arch)
+            if MODELS.canonical(str(name)) != MODELS.canonical(entry.arch):
+                raise ConfigError(f"checkpoint {checkpoint} is a {entry.arch}, but name is {name!r}; set name={entry.arch} (or drop name).")
+        return data
 
 
 class MethodConfig(BaseModel):
@@ -263,11 +354,14 @@ class RunConfig(_Strict):
         cls = METHODS.get(self.method.name)
         # assigned through __dict__: validate_assignment would re-run this validator forever
         self.__dict__["method"] = MethodConfig(name=METHODS.canonical(self.method.name), **validate_hparams(cls, self.method.hparams))
-        if cls.needs_teacher and (self.teacher is None or not self.teacher.checkpoint):
+        if cls.needs_teacher and (self.teacher is None or not (self.teacher.checkpoint or self.teacher.hf)):
             raise ConfigError(
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if getattr(cls, "needs_strong_view", False) and not self.data.augment.strong:
+            raise ConfigError(f"method {self.method.name!r} trains on a weak and a strong view of every batch: set "
+                              "data.augment.strong=true (the data pipeline then builds the strong view on the device).")
         if self.teacher is not None and self.teacher.init_head == "reset":
             raise ConfigError(
                 "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "
@@ -275,7 +369,10 @@ class RunConfig(_Strict):
                 f"<the teacher's recipe> student.name={self.teacher.name} student.checkpoint={self.teacher.checkpoint or 'PATH'} "
                 "student.init_head=reset), then set teacher.checkpoint=<that run>/checkpoints/best.pt and drop teacher.init_head."
             )
-        if self.student.init_head == "reset" and not self.student.checkpoint:
+        if self.student.input is not None:
+            raise ConfigError("student.input: the student sees the data as it is; teacher.input converts the batch for a teacher "
+                              "trained at another size or normalisation. Drop student.input (set data.image_size for streamed data).")
+        if self.student.init_head == "reset" and not (self.student.checkpoint or self.student.hf):
             raise ConfigError("student.init_head=reset resets the classifier of a loaded checkpoint, but student.checkpoint is "
                               "not set: set student.checkpoint=PATH (or drop student.init_head).")
         return self

@@ -1,4 +1,4 @@
-"""`gapkd export`: write a run's deployable model as ONNX or TorchScript, checked against PyTorch.
+"""`gapkd export`: write a run's deployable model as ONNX, TorchScript or safetensors, checked against PyTorch.
 
 The deployable is what the run's method ships (``Distiller.deployable()``): the plain student for
 most methods (DFPT-KD included), the student with its projector and the teacher's classifier for
@@ -24,7 +24,7 @@ import torch
 from .core.errors import CheckpointError, ConfigError, GapkdError, suggest
 from .core.rundir import RunDir
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 CHECKPOINTS = ("best", "last")
 #: what ONNX export and its check import; all come with ``pip install "gapkd[export]"``
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -43,7 +43,8 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
     Args:
         run_dir: a run directory (it holds ``config.yaml`` and ``checkpoints/{best,last}.pt``).
         format: ``"onnx"`` (needs ``pip install "gapkd[export]"``; checked with onnxruntime) or
-            ``"torchscript"`` (traced at the run's image size; the batch size may vary).
+            ``"torchscript"`` (traced at the run's image size; the batch size may vary) or ``"safetensors"``
+            (the weights and how to rebuild them, no pickle; checked by rebuilding the model from the file).
         out: the file to write; default ``RUN_DIR/export/<checkpoint>.onnx`` or
             ``RUN_DIR/export/<checkpoint>.torchscript.pt``.
         checkpoint: ``"best"`` (best validation epoch) or ``"last"``.
@@ -84,17 +85,13 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
         staged = Path(scratch) / target.name
         with _quiet_exporters():
-            if fmt == "onnx":
-                _export_onnx(model, images[:2], staged)
-            else:
-                _export_torchscript(model, images[:2], staged)
-            outputs = _run_exported(fmt, staged, images)
+            outputs = _write_and_run(fmt, model, ckpt, staged, images, bundle.data)
         diff = float((outputs - reference).abs().max())
         if not diff <= tolerance:  # also refuses NaN
             raise ExportError(
                 f"the {fmt} export of {ckpt} differs from PyTorch by up to {diff:.3g} on {len(images)} test images "
                 f"(tolerance {tolerance:g}); nothing was written. Report it with the model's name ({name}), or "
-                f"try the other format (--format {'torchscript' if fmt == 'onnx' else 'onnx'})."
+                f"try another format (--format {'torchscript' if fmt == 'onnx' else 'onnx'})."
             )
         for produced in Path(scratch).iterdir():  # the model file and, for large ONNX models, its .data file
             os.replace(produced, target.parent / produced.name)
@@ -196,6 +193,30 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> N
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     traced = torch.jit.trace(model, example, check_trace=False)  # checked below, on more images
     torch.jit.save(traced, str(path))
+
+
+def _write_and_run(fmt: str, model: torch.nn.Module, ckpt: Path, staged: Path, images: torch.Tensor, data) -> torch.Tensor:
+    """Write ``model`` (from ``ckpt``) as ``fmt`` to ``staged``; the logits of the written file for ``images``."""
+    if fmt == "onnx":
+        _export_onnx(model, images[:2], staged)
+    elif fmt == "torchscript":
+        _export_torchscript(model, images[:2], staged)
+    else:  # the model payload itself (its format: gapkd.core.rundir), its tensors without pickle
+        from .core.rundir import read_model_payload
+        from .core.safetensors_io import save_safetensors
+
+        save_safetensors(read_model_payload(ckpt), staged)
+        return _rebuilt_logits(staged, images, data)
+    return _run_exported(fmt, staged, images)
+
+
+def _rebuilt_logits(path: Path, images: torch.Tensor, data) -> torch.Tensor:
+    """The logits of the model rebuilt from a safetensors file alone (the architecture and options in
+    its header, then its weights)."""
+    from .build import load_model
+
+    with torch.no_grad():
+        return load_model(path, data)[0].eval()(images)
 
 
 def _run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:

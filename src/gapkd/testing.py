@@ -38,3 +38,4 @@ def write_image(path: str | Path, seed: int, size: tuple[int, int] = (40, 30), m
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, **save_options)
+

@@ -41,13 +41,16 @@ EXAMPLES = {
         The exported file is written only when its logits on real test images of the run's dataset
         match PyTorch's (onnxruntime runs the ONNX file; the TorchScript file is loaded back). A
         sidecar <file>.json records the input shape, the normalisation, the class names and the
-        measured difference. ONNX needs: pip install "gapkd[export]". TorchScript is traced at the
+        measured difference. ONNX needs: pip install "gapkd[export]"; safetensors (the weights and
+        how to rebuild them; loaded by every command that takes a checkpoint) needs
+        pip install "gapkd[safetensors]". TorchScript is traced at the
         run's image size (torch.jit is deprecated upstream in favour of torch.export, but libtorch
         still loads it).
 
         examples:
           gapkd export runs/kd-r20 --format onnx                      # -> runs/kd-r20/export/best.onnx
           gapkd export runs/simkd-r20 --format torchscript --checkpoint last --out simkd.pt
+          gapkd export runs/kd-r20 --format safetensors              # -> runs/kd-r20/export/best.safetensors
     """,
     "aid": """
         The same as `gapkd pipeline aid` (kept as a shorter spelling).
@@ -56,10 +59,13 @@ EXAMPLES = {
         Stages (each a run folder inside the pipeline folder; finished ones are skipped, interrupted
         ones resume): 1-reference (CE student, or aid.reference_checkpoint=PATH), 2-adapt (teacher
         fine-tuned with L_AID = CE + beta*L_inner(T||S_ref) + gamma*L_class(T0||T); writes
-        adapted_teacher_report.json/.md), 3-distill (method.name: kd, dkd, dist, ...).
-        aid.* keys: beta (1), gamma (1), temperature (4), ce_weight (1), temperature_scaling (false),
-        adapt_epochs (10% of train.epochs), adapt_lr (optim.lr/10), adapt_schedule (cosine|constant),
-        ref_epochs (train.epochs), reference_checkpoint, reference_model.
+        adapted_teacher_report.json/.md; prints L_inner and the teacher's validation accuracy before and
+        after, and stops if that accuracy fell by more than aid.max_teacher_drop points), 3-distill
+        (method.name: kd, dkd, dist, ...).
+        aid.* keys: beta (1), gamma (1), temperature (4), ce_weight (1), temperature_scaling (true),
+        class_means (running|batch), running_decay (0.99), adapt_epochs (10% of train.epochs),
+        adapt_lr (optim.lr/10), adapt_schedule (cosine|constant), ref_epochs (train.epochs),
+        max_teacher_drop (1.0), on_teacher_drop (error|warn), reference_checkpoint, reference_model.
 
         examples:
           gapkd aid teacher.name=resnet56 teacher.checkpoint=runs/teacher-r56/checkpoints/best.pt \\
@@ -89,6 +95,7 @@ EXAMPLES = {
           gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml takd.assistant=resnet56
           gapkd pipeline takd -c configs/cifar100/resnet110-resnet32/kd.yaml 'takd.assistant=[resnet56, resnet44]'
           gapkd pipeline eskd -c configs/cifar100/resnet56-resnet20/kd.yaml eskd.stop_epoch=60 eskd.teacher_epochs=240
+          gapkd pipeline dgkd -c configs/cifar100/resnet110-resnet20/dgkd.yaml 'dgkd.assistant=[resnet56, resnet32]'
     """,
     "quickstart": """
         examples:
@@ -121,9 +128,9 @@ def _add_checkpoint_commands(add) -> None:
     an.add_argument("--device", default="auto")
     an.add_argument("--json", action="store_true", help="print JSON only (with per-class spreads)")
 
-    ex = add("export", "Export a run's deployable model (ONNX or TorchScript), checked against PyTorch on real inputs.")
+    ex = add("export", "Export a run's deployable model (ONNX, TorchScript or safetensors), checked against PyTorch on real inputs.")
     ex.add_argument("run_dir", help="a run directory (holds config.yaml and checkpoints/)")
-    ex.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    ex.add_argument("--format", default="onnx", help="onnx (default), torchscript or safetensors (weights only, no pickle)")
     ex.add_argument("--out", help="output file (default: RUN_DIR/export/<checkpoint>.onnx or .torchscript.pt)")
     ex.add_argument("--checkpoint", default="best", help="best (best validation epoch, default) or last")
     ex.add_argument("--samples", type=int, default=8, help="test images the check runs on (default 8)")
@@ -150,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
     _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
 
-    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher), AID (adapted teacher).")
-    pl.add_argument("kind", help="takd, eskd or aid (options under takd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
+    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), DGKD (every larger model guides each smaller one), "
+                      "ESKD (early-stopped teacher), AID (adapted teacher).")
+    pl.add_argument("kind", help="takd, dgkd, eskd or aid (options under takd.* / dgkd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
     _add_common(pl)
 
     _add_checkpoint_commands(add)
@@ -182,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--data-root")
 
     from .study import add_study_parser
+    from .teachers import add_teachers_parser
 
     add_study_parser(sub)
+    add_teachers_parser(sub, parents=[plugin_option()])
     return parser
 
 
@@ -369,8 +379,15 @@ def _study(args) -> int:
     return study_command(args)
 
 
+def _teachers(args) -> int:
+    from .teachers import teachers_command
+
+    return teachers_command(args)
+
+
 COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
-            "export": _export, "data": _data, "list": _list, "quickstart": _quickstart, "study": _study}
+            "export": _export, "data": _data, "list": _list, "quickstart": _quickstart, "study": _study,
+            "teachers": _teachers}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -94,9 +94,10 @@ def check_batch_size(batch_size: int, dist: Distributed) -> None:
 def check_supported(distiller: nn.Module) -> None:
     """Refuse methods whose per-sample state (memory banks) DDP would not keep in step across processes."""
     if not getattr(distiller, "supports_ddp", True):
+        why = getattr(distiller, "ddp_unsupported_reason", None) or (
+            "keeps per-sample state (a memory bank) that each process would update for its own samples only")
         raise ConfigError(
-            f"method {type(distiller).__name__} keeps per-sample state (a memory bank) that each process would update "
-            "for its own samples only; it cannot train under torchrun with more than one process yet. "
+            f"method {type(distiller).__name__} {why}; it cannot train under torchrun with more than one process yet. "
             "Run it in a single process (`gapkd distill ...` without torchrun, or torchrun --nproc_per_node 1)."
         )
 

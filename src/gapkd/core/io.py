@@ -1,6 +1,6 @@
 """Crash-safe checkpoint files: write to a temporary file, fsync, rename, fsync the folder.
 A reader therefore sees the previous complete file or the new complete file, never a torn one.
-Loading is weights-only: no code in a checkpoint ever runs."""
+Loading is weights-only: no code in a checkpoint ever runs (``.safetensors`` files hold no pickle at all)."""
 from __future__ import annotations
 
 import errno
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .safetensors_io import is_safetensors, load_safetensors
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -62,7 +63,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def safe_load(path: str | os.PathLike) -> Any:
-    """torch.load with weights_only=True and a clear message for every way it can fail."""
+    """torch.load with weights_only=True and a clear message for every way it can fail. A
+    ``.safetensors`` file is read without pickle (:mod:`gapkd.core.safetensors_io`). (``zoo:SET/NAME``
+    teacher references are resolved by :func:`gapkd.methods.checkpoint.model_from_checkpoint`.)"""
+    if is_safetensors(path):
+        return load_safetensors(path)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")

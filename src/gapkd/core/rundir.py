@@ -8,7 +8,8 @@ of them; nothing else spells these paths.
 ``best.pt`` and ``last.pt`` hold a self-describing *model payload* (``format: gapkd-model``): the
 deployable weights plus what rebuilds them. :func:`model_payload` writes one and
 :func:`read_model_payload` / :func:`is_model_payload` read one; ``state.pt`` is the loop's own
-resume state (see :mod:`gapkd.engine.trainer`)."""
+resume state (see :mod:`gapkd.engine.trainer`). A payload exported as ``.safetensors`` (``gapkd export
+--format safetensors``, :mod:`gapkd.core.safetensors_io`) reads back to the same dict."""
 from __future__ import annotations
 
 import json

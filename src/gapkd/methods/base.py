@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
@@ -16,6 +16,13 @@ from ..core.registry import Registry
 #: The decorator of a method's hyper-parameter dataclass. Document each field with a one-line
 #: docstring under it (the one style; ``gapkd list methods -v`` prints them).
 hparams = pydantic_dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+
+
+def added_later():
+    """The mark (``Annotated[bool, added_later()] = False``) of a hyper-parameter added after runs of its
+    method existed: part of a run's identity (run hash, study key) only when set to other than its
+    default, so earlier runs keep their hashes and resume (``gapkd.config.identity``'s "when-set")."""
+    return Field(json_schema_extra={"identity": {"run_hash": "when-set", "study_key": "when-set"}})
 
 
 @hparams
@@ -32,6 +39,7 @@ class StepInfo:
     epochs: int
     steps_per_epoch: int
     indices: Tensor | None = None  # stable sample ids of the batch (memory banks such as CRD's)
+    strong_images: Tensor | None = None  # the batch's strongly augmented view when data.augment.strong is on (MLKD)
 
     @property
     def progress(self) -> float:

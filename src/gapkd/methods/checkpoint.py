@@ -6,7 +6,7 @@ only that method knows how to rebuild."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -14,12 +14,15 @@ from ..core.errors import CheckpointError, ConfigError
 from ..core.io import safe_load
 from ..core.rundir import is_model_payload
 from ..models import create_model, extract_state_dict, load_state_dict_strict
+from ..teachers.catalogue import parse_reference
+from ..teachers.manifest import checkpoint_path
 from .base import METHODS
 
 
 def model_from_checkpoint(checkpoint: str | os.PathLike, num_classes: int, in_channels: int = 3, *, name: str | None = None,
                           options: dict[str, Any] | None = None, role: str = "model", reset_head: bool = False,
-                          dataset: str = "this dataset", name_hint: str | None = None) -> tuple[nn.Module, str]:
+                          dataset: str = "this dataset", name_hint: str | None = None,
+                          factory: Callable[[str, dict[str, Any]], nn.Module] | None = None) -> tuple[nn.Module, str]:
     """The model a checkpoint holds, built for ``num_classes`` / ``in_channels``, and its architecture's name.
 
     Our checkpoints (a run's ``best.pt`` / ``last.pt``) record the architecture, its options and,
@@ -27,8 +30,16 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, num_classes: int, in_ch
     mdistiller, torchvision, ...) need ``name``. Weights load exactly or not at all; with
     ``reset_head`` every weight but the classifier's loads and the classifier keeps its fresh
     initialisation. ``role`` (model, student, teacher, reference) and ``dataset`` only word errors;
-    ``name_hint`` says how to name the architecture when the file does not record it."""
-    payload = safe_load(checkpoint)
+    ``name_hint`` says how to name the architecture when the file does not record it.
+
+    ``checkpoint`` may be a ``.safetensors`` file (read without pickle) or ``zoo:SET/NAME``, a teacher
+    installed with ``gapkd teachers fetch|import``: its file is checked against its recorded sha256
+    and its architecture comes from the catalogue. ``factory(name, options)`` builds the architecture
+    (default: :func:`~gapkd.models.create_model` for ``num_classes`` / ``in_channels``; a Hugging
+    Face model's is :func:`gapkd.teachers.hf.hf_model`)."""
+    if str(checkpoint).startswith("zoo:"):  # a teacher installed in the store: the catalogue names its architecture
+        name = name or parse_reference(str(checkpoint))[1].arch
+    payload = safe_load(checkpoint_path(checkpoint))
     ours = is_model_payload(payload)
     name = name or (payload.get("model") if ours else None)
     if not name:
@@ -36,7 +47,10 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, num_classes: int, in_ch
         raise ConfigError(f"{checkpoint} does not record its architecture; {name_hint or f'pass {flag} NAME'}.")
     if options is None:
         options = payload.get("options", {}) if ours else {}
-    model = create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
+    if factory is None:
+        model = create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
+    else:
+        model = factory(name, options)
     source = f"{role} checkpoint {checkpoint}"
     if role == "teacher":
         fix = (f"a teacher must be trained for {dataset}: train one first, starting from this file (gapkd train -c <the "

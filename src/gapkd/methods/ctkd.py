@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Distiller, StepOutput, hparams, register_method
-from .losses import kd_kl
+from .base import Distiller, StepOutput, added_later, hparams, register_method
+from .losses import kd_kl, maybe_standardize
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -70,6 +70,9 @@ class CTKDHparams:
     """final strength of the gradient reversal"""
     lambda_epochs: Annotated[int, Field(ge=0)] = 10
     """epochs of the cosine curriculum from 0 to lambda_max"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("ctkd", "curriculum-temperature")
@@ -77,6 +80,7 @@ class CTKD(Distiller):
     """Curriculum-temperature KD: a learned global temperature, adversarial through gradient reversal."""
 
     Hparams = CTKDHparams
+    # uses the teacher's logits only
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)
@@ -92,6 +96,7 @@ class CTKD(Distiller):
         h = self.hparams
         tau = self.temperature(self.reversal_strength(step.epoch))
         return StepOutput(
-            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "kd": h.kd_weight * kd_kl(logits, teacher_logits, tau)},
+            {"ce": h.ce_weight * F.cross_entropy(logits, labels),
+             "kd": h.kd_weight * kd_kl(*maybe_standardize(logits, teacher_logits, h.logit_standardize), tau)},
             logits,
         )

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from .base import Distiller, StepOutput, hparams, register_method
+from .base import Distiller, StepOutput, added_later, hparams, register_method
+from .losses import maybe_standardize
 
 
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -47,6 +48,9 @@ class DKDHparams:
     """KD weight ramps as min(epoch / warmup, 1), epochs counted from 1"""
     ce_weight: Annotated[float, Field(ge=0)] = 1.0
     """weight of cross-entropy on the labels"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("dkd", "decoupled-kd")
@@ -54,13 +58,14 @@ class DKD(Distiller):
     """Decoupled KD: ce_weight * CE + warm-up * (alpha * TCKD + beta * NCKD) at temperature tau."""
 
     Hparams = DKDHparams
+    # uses the teacher's logits only
 
     def forward(self, images, labels, step):
         teacher_logits = self.teacher_forward(images).logits
         logits = self.student(images)
         h = self.hparams
         ramp = min((step.epoch + 1) / h.warmup_epochs, 1.0) if h.warmup_epochs else 1.0
-        tckd, nckd = dkd_terms(logits, teacher_logits, labels, h.temperature)
+        tckd, nckd = dkd_terms(*maybe_standardize(logits, teacher_logits, h.logit_standardize), labels, h.temperature)
         return StepOutput(
             {"ce": h.ce_weight * F.cross_entropy(logits, labels), "tckd": ramp * h.alpha * tckd, "nckd": ramp * h.beta * nckd},
             logits,

@@ -6,8 +6,8 @@ from typing import Annotated
 import torch.nn.functional as F
 from pydantic import Field
 
-from .base import Distiller, StepOutput, hparams, register_method
-from .losses import kd_kl
+from .base import Distiller, StepOutput, added_later, hparams, register_method
+from .losses import kd_kl, maybe_standardize
 
 
 @hparams
@@ -18,6 +18,9 @@ class KDHparams:
     """weight of cross-entropy on the labels"""
     kd_weight: Annotated[float, Field(ge=0)] = 0.9
     """weight of tau^2 * KL(teacher || student)"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("kd", "vanilla-kd", "hinton")
@@ -25,12 +28,14 @@ class KD(Distiller):
     """Vanilla KD: ce_weight * CE + kd_weight * tau^2 * KL(teacher || student) at temperature tau."""
 
     Hparams = KDHparams
+    # uses the teacher's logits only
 
     def forward(self, images, labels, step):
         teacher_logits = self.teacher_forward(images).logits
         logits = self.student(images)
         h = self.hparams
+        soft_student, soft_teacher = maybe_standardize(logits, teacher_logits, h.logit_standardize)
         return StepOutput(
-            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "kd": h.kd_weight * kd_kl(logits, teacher_logits, h.temperature)},
+            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "kd": h.kd_weight * kd_kl(soft_student, soft_teacher, h.temperature)},
             logits,
         )

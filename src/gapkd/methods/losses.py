@@ -36,3 +36,16 @@ def in_float32(loss):
             return loss(*(a.float() if isinstance(a, Tensor) else a for a in args), **kwargs)
 
     return wrapper
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sun et al.'s logit standardisation (CVPR 2024): the z-score of each row, (z - mean) / (eps + std),
+    with the unbiased standard deviation and eps added to it as in the authors' code. A row of equal
+    logits becomes all zeros (the uniform distribution at any temperature)."""
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (eps + logits.std(dim=1, keepdim=True))
+
+
+def maybe_standardize(student_logits: Tensor, teacher_logits: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Both rows z-scored when ``standardize`` (the ``logit_standardize`` switch), else returned untouched."""
+    if not standardize:
+        return student_logits, teacher_logits
+    return standardize_logits(student_logits), standardize_logits(teacher_logits)

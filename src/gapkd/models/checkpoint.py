@@ -126,8 +126,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, prefix: str = "") -> nn.
     """Load weights from ``path`` into ``model`` exactly (see module docstring); returns the model.
 
     ``prefix`` selects the keys under it (e.g. ``'student.'`` in a checkpoint of a whole
-    distiller) and strips it."""
-    state = extract_state_dict(safe_load(path))
+    distiller) and strips it. ``path`` may also be ``zoo:SET/NAME``, a teacher installed with ``gapkd teachers``."""
+    from ..teachers.manifest import checkpoint_path
+
+    state = extract_state_dict(safe_load(checkpoint_path(path)))
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:

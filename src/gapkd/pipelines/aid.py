@@ -7,7 +7,8 @@ not public. See docs/aid.md.
 A pipeline is described by an ordinary distillation config (student, teacher with its
 checkpoint T0, method kd | dkd | dist | ..., optim, schedule, train) plus an ``aid:`` section:
 the pipeline's own keys (:class:`AIDOptions`) and the ``aid-adapt`` method's hyper-parameters
-(temperature, beta, gamma, ce_weight, temperature_scaling, reference_checkpoint, reference_model).
+(temperature, beta, gamma, ce_weight, temperature_scaling, class_means, running_decay,
+reference_checkpoint, reference_model).
 
 Stages, each one ordinary run (``gapkd.api.run``) in its own folder of the pipeline folder, so
 a finished stage is skipped and an interrupted one resumes:
@@ -15,7 +16,9 @@ a finished stage is skipped and an interrupted one resumes:
                ``ref_epochs`` (skipped when ``aid.reference_checkpoint`` is given);
   2-adapt      the teacher fine-tuned with method aid-adapt from T0 for ``adapt_epochs`` at
                ``adapt_lr``; its best-validation checkpoint is the adapted teacher, and
-               adapted_teacher_report.json / .md compare it with T0;
+               adapted_teacher_report.json / .md compare it with T0; the pipeline prints how
+               L_inner and the teacher's validation accuracy moved, and stops (or warns, with
+               ``on_teacher_drop=warn``) when that accuracy fell by more than ``max_teacher_drop``;
   3-distill    the configured method, distilling the student from the adapted teacher.
 """
 from __future__ import annotations
@@ -25,6 +28,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -33,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..api import run
 from ..build import build_model, load_model
 from ..config import RunConfig, _format_errors, build_config, lift_run_section, merge, parse_overrides, read_yaml, validate_hparams
-from ..core.errors import ConfigError, suggest
+from ..core.errors import ConfigError, GapkdError, suggest
 from ..core.io import atomic_write_text
 from ..core.rundir import RunDir
 from ..data import ImageData, build_data, load_dataset
@@ -46,6 +51,12 @@ NOTE = ("AID here is our reading of the published abstract of Qian, Le & Harandi
 
 STAGES = ("1-reference", "2-adapt", "3-distill")
 REPORT = "adapted_teacher_report"
+#: options that only judge a finished adaptation: changing them keeps the pipeline's folder and its finished stages
+CHECK_OPTIONS = {"max_teacher_drop", "on_teacher_drop"}
+
+
+class AdaptationError(GapkdError):
+    """The adapted teacher lost more validation accuracy than ``aid.max_teacher_drop`` allows."""
 
 
 class AIDOptions(BaseModel):
@@ -56,6 +67,10 @@ class AIDOptions(BaseModel):
     adapt_lr: Optional[float] = Field(None, gt=0, description="learning rate of teacher adaptation; default optim.lr / 10")
     adapt_schedule: Literal["cosine", "constant"] = Field("cosine", description="lr schedule of teacher adaptation (no warm-up)")
     ref_epochs: Optional[int] = Field(None, ge=1, description="epochs of the CE reference student; default train.epochs")
+    max_teacher_drop: float = Field(1.0, ge=0, description="tolerated fall of the teacher's validation accuracy (points) "
+                                    "from T0 to the adapted teacher")
+    on_teacher_drop: Literal["error", "warn"] = Field("error", description="when the fall exceeds max_teacher_drop: stop "
+                                                      "before distilling (error) or go on with a warning (warn)")
 
 
 def parse_aid_config(config: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> tuple[RunConfig, AIDOptions, dict]:
@@ -89,7 +104,8 @@ def parse_aid_config(config: str | os.PathLike | None = None, overrides: list[st
 
 
 def pipeline_dir_for(cfg: RunConfig, options: AIDOptions, hyper: dict) -> Path:
-    digest = json.dumps([cfg.hparams_hash(), options.model_dump(mode="json", exclude=set(options.model_extra or {})), hyper], sort_keys=True)
+    own = options.model_dump(mode="json", exclude=set(options.model_extra or {}) | CHECK_OPTIONS)
+    digest = json.dumps([cfg.hparams_hash(), own, hyper], sort_keys=True)
     name = cfg.name or (f"aid_{cfg.data.name}_{cfg.teacher.name}-{cfg.student.name}_{cfg.method.name}_s{cfg.seed}_"
                         f"{hashlib.sha256(digest.encode()).hexdigest()[:8]}")
     return Path(cfg.out_dir) / name
@@ -163,12 +179,19 @@ def aid(config: str | os.PathLike | None = None, overrides: list[str] | dict | N
     summaries["adapt"] = run(adapt, echo=echo, data=data)
     report = adapted_teacher_report(adapt, pipeline_dir, data)
     say(report_markdown(report))
+    check = adaptation_check(report, options)
+    print(check["message"], file=sys.stdout if echo else sys.stderr)  # shown even when quiet: the stage's one verdict
+    if not check["within_tolerance"]:
+        if options.on_teacher_drop == "error":
+            raise AdaptationError(check["message"])
+        warnings.warn(check["message"], stacklevel=2)
     say(f"[3/3] distilling {cfg.student.name} from the adapted teacher with {cfg.method.name}")
     summaries["distill"] = run(stages["distill"], echo=echo, data=data)
 
     distilled = summaries["distill"]
     summary = {
         "pipeline": "aid", "note": NOTE, "dir": str(pipeline_dir), "stages": summaries, "adapted_teacher": report,
+        "adaptation": check,
         "student_best_val_acc": distilled["best_val_acc"], "student_test_acc_at_best_val": distilled["test_acc_at_best_val"],
         "student_checkpoint": str(RunDir(pipeline_dir / STAGES[2]).best),
         "student": distilled,  # the final stage's summary, as every pipeline returns it (studies read this)
@@ -177,6 +200,29 @@ def aid(config: str | os.PathLike | None = None, overrides: list[str] | dict | N
     say(f"student {cfg.student.name} ({cfg.method.name} from the adapted teacher): best val {distilled['best_val_acc']}, "
         f"test at best val {distilled['test_acc_at_best_val']}")
     return summary
+
+
+def adaptation_check(report: dict, options: AIDOptions) -> dict:
+    """What adaptation did on the validation split: L_inner(T ‖ S_ref) and the teacher's accuracy before (T0) and
+    after, and whether the accuracy fell by more than ``options.max_teacher_drop`` points."""
+    if "val" not in report:
+        return {"within_tolerance": True, "max_teacher_drop": options.max_teacher_drop,
+                "message": "adaptation: no validation split (data.val_fraction=0), so the teacher's accuracy drop is not checked"}
+    val = report["val"]
+    inner, acc = val["inner"], val["teacher_acc"]
+    drop = acc["before"] - acc["after"]
+    change = 100 * (inner["after"] - inner["before"]) / inner["before"] if inner["before"] > 0 else 0.0
+    within = drop <= options.max_teacher_drop + 1e-9
+    message = (f"adaptation (validation split): L_inner(T ‖ S_ref) {inner['before']:.4f} -> {inner['after']:.4f} ({change:+.1f}%), "
+               f"teacher top-1 {acc['before']:.2f}% -> {acc['after']:.2f}% ({-drop:+.2f} points; tolerated fall "
+               f"{options.max_teacher_drop:g}, aid.max_teacher_drop)")
+    if not within:
+        message += (f". The adapted teacher lost {drop:.2f} points of validation accuracy, more than aid.max_teacher_drop="
+                    f"{options.max_teacher_drop:g}: lower aid.beta or aid.adapt_lr, or raise aid.max_teacher_drop (or set "
+                    "aid.on_teacher_drop=warn) to distil from it anyway; the finished stages are kept")
+    return {"inner_before": inner["before"], "inner_after": inner["after"], "inner_change_percent": change,
+            "teacher_acc_before": acc["before"], "teacher_acc_after": acc["after"], "teacher_drop": drop,
+            "max_teacher_drop": options.max_teacher_drop, "within_tolerance": within, "message": message}
 
 
 #: what the report compares before / after adaptation, per split
