@@ -18,6 +18,7 @@ from ..methods.base import Distiller, StepInfo
 from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from .optim import build_optimizer, build_scheduler
+from .precision import CpuConvGuard
 from .runlog import MetricsLog, TextLog, progress_bar
 
 STATE_FILE = "state.pt"
@@ -66,7 +67,15 @@ def autocast_context(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext, None
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    if device.type == "cpu":  # with the convolutions CPU autocast gets wrong kept in fp32 (see .precision)
+        return (lambda: _cpu_autocast(dtype)), dtype
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+@contextlib.contextmanager
+def _cpu_autocast(dtype):
+    with torch.autocast("cpu", dtype=dtype), CpuConvGuard():
+        yield
 
 
 @torch.inference_mode()
@@ -179,7 +188,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 if distributed.any_process(bad is not None, dist, device):  # every process takes the same branch
                     bad = bad or "a loss term on another process"
                     if cfg.train.nonfinite == "stop":
-                        raise NonFiniteLossError(_nonfinite_message(bad, epoch, step, state_path))
+                        raise NonFiniteLossError(_nonfinite_message(bad, epoch, step, state_path, amp_dtype, cfg.train.amp))
                     skipped += 1
                     optimizer.zero_grad(set_to_none=True)
                     scaler.update()
@@ -211,7 +220,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         if not check_every_step:
             bad = _nonfinite_term({k: torch.tensor(v) for k, v in epoch_losses.items()}, None)
             if bad is not None:
-                raise NonFiniteLossError(_nonfinite_message(bad, epoch, None, state_path))
+                raise NonFiniteLossError(_nonfinite_message(bad, epoch, None, state_path, amp_dtype, cfg.train.amp))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_seconds = time.perf_counter() - started
@@ -321,10 +330,15 @@ def _nonfinite_term(losses: dict[str, torch.Tensor], grad_norm) -> str | None:
     return None
 
 
-def _nonfinite_message(term: str, epoch: int, step: int | None, state_path: Path) -> str:
+def _nonfinite_message(term: str, epoch: int, step: int | None, state_path: Path, amp_dtype=None, amp: str = "off") -> str:
     where = f"step {step} (epoch {epoch + 1})" if step is not None else f"epoch {epoch + 1}"
     kept = f"the last good checkpoint {state_path} is kept" if state_path.exists() else "no checkpoint had been written yet"
+    precision = ""
+    if amp_dtype is not None:  # reduced precision is a suspect as much as the learning rate
+        name = "bf16" if amp_dtype is torch.bfloat16 else "fp16"
+        precision = (f" The step ran under {name} autocast (train.amp={amp}): if the same command with train.amp=off "
+                     "trains, the cause is the reduced precision, not the learning rate.")
     return (
         f"{term} became NaN/Inf at {where}; {kept}. Lower optim.lr, set train.grad_clip, check the data, "
-        "or set train.nonfinite=skip to skip such steps."
+        f"or set train.nonfinite=skip to skip such steps.{precision}"
     )
