@@ -57,3 +57,79 @@ def test_resnet18_imagenet_stem_trains_on_digits_in_bf16(seed, tiny_overrides):
     tiny_overrides.update(seed=seed, student={"name": "resnet18", "options": {"stem": "imagenet"}})
     summary = run(build_config({"method": {"name": "ce"}}, None, tiny_overrides), echo=False)
     assert summary["skipped_steps"] == 0 and summary["last_test_acc"] is not None
+
+
+# ---------------------------------------------------------------- finding 4: files never run code unasked
+
+@pytest.fixture
+def canary_plugin(tmp_path):
+    """A plugin whose import leaves a mark on disk: proof that its code ran."""
+    mark = tmp_path / "EXECUTED"
+    path = tmp_path / "evil.py"
+    path.write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    return path, mark
+
+
+def _recipe(tmp_path, plugins, **extra):
+    import yaml
+
+    tree = {"plugins": plugins, "student": {"name": "resnet8"}, "data": {"name": "digits"}, "train": {"epochs": 1, "amp": "off"},
+            "out_dir": str(tmp_path / "runs"), **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_a_recipe_listing_a_plugin_is_refused_without_opt_in(tmp_path, canary_plugin, capsys):
+    from gapkd.cli import main
+
+    evil, mark = canary_plugin
+    recipe = _recipe(tmp_path, [str(evil)])
+    for argv in (["train", "-c", str(recipe)], ["study", "status", str(tmp_path / "study.yaml")],
+                 ["export", str(tmp_path / "runs" / "victim")]):
+        if argv[0] == "study":
+            import yaml
+
+            (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "s", "base": {"plugins": [str(evil)]},
+                                                                  "pairs": [{"student": "resnet8"}], "methods": {"ce": {"name": "ce"}}}))
+        if argv[0] == "export":
+            run_dir = tmp_path / "runs" / "victim"
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "checkpoints" / "best.pt").write_bytes(b"")
+            (run_dir / "config.yaml").write_text(recipe.read_text())
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "runs their Python code" in err and f"--plugin {evil}" in err and "--trust-plugins" in err, err
+        assert len(err.strip().splitlines()) == 1
+        assert not mark.exists(), argv  # nothing ran
+
+
+def test_opting_in_imports_the_plugin_with_a_warning_naming_the_file(tmp_path, canary_plugin):
+    from gapkd.config import build_config
+    from gapkd.plugins import PluginWarning, command_line_plugins, trust_plugins
+
+    evil, mark = canary_plugin
+    recipe = _recipe(tmp_path, [str(evil)])
+    with trust_plugins(), pytest.warns(PluginWarning, match=f"{evil}.*{recipe}.*code runs"):
+        build_config({"method": {"name": "ce"}}, recipe)
+    assert mark.exists()
+    mark.unlink()
+    import sys
+
+    from gapkd.plugins import module_name_for
+
+    sys.modules.pop(module_name_for(evil))
+    with command_line_plugins([str(evil)]), pytest.warns(PluginWarning, match=str(recipe)):  # --plugin names it: opted in
+        cfg = build_config({"method": {"name": "ce"}}, recipe)
+    assert mark.exists() and cfg.plugins == [str(evil)]
+    # a plugin given in Python (or on the command line) is the caller's own choice: no opt-in needed
+    assert build_config({"method": {"name": "ce"}, "plugins": [str(evil)], "student": {"name": "resnet8"}}).plugins == [str(evil)]
+
+
+def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path):
+    from gapkd.config import build_config
+    from gapkd.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text("student: {name: resnet8}\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a folder.*{tmp_path / 'config.yaml'}"):
+        build_config(None, tmp_path)

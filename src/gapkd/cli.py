@@ -95,11 +95,15 @@ EXAMPLES = {
 
 
 def plugin_option(dest: str = "plugins") -> argparse.ArgumentParser:
-    """A parent parser with ``--plugin MODULE`` (repeatable): every command takes it, before or after its name."""
+    """A parent parser with ``--plugin MODULE`` (repeatable) and ``--trust-plugins``: every command takes them,
+    before or after its name."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--plugin", action="append", default=[], dest=dest, metavar="MODULE",
                         help="import a module (mypkg.kd) or .py file (./my_method.py) that registers methods, models or "
                              "datasets; repeatable; added to the config's `plugins` (docs/add-a-method.md)")
+    parent.add_argument("--trust-plugins", action="store_true", default=argparse.SUPPRESS,
+                        help="import the plugins that YAML files (recipes, study files, run folders' config.yaml) list: "
+                             "their Python code runs. Without it such a file is refused unless --plugin names each of them")
     return parent
 
 
@@ -230,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if int(os.environ.get("RANK", "0")) > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr from every rank
-    from .plugins import command_line_plugins
+    from .plugins import command_line_plugins, trust_plugins
 
     try:
-        with command_line_plugins([*args.global_plugins, *getattr(args, "plugins", [])]):
+        with command_line_plugins([*args.global_plugins, *getattr(args, "plugins", [])]), \
+                trust_plugins(getattr(args, "trust_plugins", False)):
             return COMMANDS[args.command](args)
     except GapkdError as error:
         print(f"gapkd {args.command}: error: {error}", file=sys.stderr)

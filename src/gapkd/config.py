@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, suggest
-from .plugins import import_plugins, plugin_list, with_command_line_plugins
+from .plugins import check_file_plugins, import_plugins, plugin_list, with_command_line_plugins
 
 
 class _Strict(BaseModel):
@@ -327,6 +327,9 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        hint = f" (a run folder's config is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"config file {path} is a folder; give the path of a YAML file{hint}.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
     try:
@@ -337,6 +340,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(loaded).__name__}.")
+    check_file_plugins(loaded, path)  # a file is not trusted to run code (docs/reliability.md)
     return loaded
 
 
