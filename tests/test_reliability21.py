@@ -133,3 +133,84 @@ def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path):
     (tmp_path / "config.yaml").write_text("student: {name: resnet8}\n")
     with pytest.raises(ConfigError, match=f"{tmp_path} is a folder.*{tmp_path / 'config.yaml'}"):
         build_config(None, tmp_path)
+
+
+# ---------------------------------------------------------------- findings 5 and 9: data
+
+def _tree(root, classes=("a", "b"), per_class=3, size=(8, 8)):
+    from gapkd.testing import write_image
+
+    for split in ("train", "test"):
+        for index, cls in enumerate(classes):
+            for i in range(per_class):
+                write_image(root / split / cls / f"{i}.png", seed=100 * index + i, size=size)
+    return root
+
+
+def test_image_folder_cache_sees_a_new_class_and_a_replaced_image(tmp_path):
+    """Finding 5: the decoded cache was keyed on the top folder's stat only, so these changes were ignored."""
+    import os
+
+    from gapkd.data.sources import read_image_tree
+    from gapkd.testing import write_image
+
+    root = _tree(tmp_path / "tree")
+    first = read_image_tree(root, "tree")
+    assert first.classes == ["a", "b"]
+    stat = root.stat()
+    for split in ("train", "test"):  # a third class: the top folder's size and mtime do not change
+        write_image(root / split / "c" / "0.png", seed=7, size=(8, 8))
+    os.utime(root, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_image_tree(root, "tree").classes == ["a", "b", "c"]
+    before = read_image_tree(root, "tree").train.images.clone()
+    write_image(root / "train" / "a" / "0.png", seed=999, size=(8, 8))  # one image replaced in place
+    after = read_image_tree(root, "tree").train.images
+    assert not torch.equal(before, after)
+
+
+def test_a_tar_cut_at_a_member_boundary_is_refused(tmp_path):
+    """Finding 9: Python's tarfile reads an uncompressed tar cut between members as complete."""
+    import tarfile
+
+    from gapkd.data.sources import read_image_tree
+    from gapkd.errors import DataError
+
+    root = _tree(tmp_path / "tree", classes=("a", "b", "c"))
+    archive = tmp_path / "tree.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(root, arcname=".")
+    assert read_image_tree(archive, "whole").classes == ["a", "b", "c"]
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        cut = next(m for m in members if m.name.endswith("train/c/0.png")).offset  # the start of a member's header
+    cut_archive = tmp_path / "cut.tar"
+    cut_archive.write_bytes(archive.read_bytes()[:cut])
+    with pytest.raises(DataError, match="truncated.*end-of-archive.*again"):
+        read_image_tree(cut_archive, "cut")
+
+
+def test_a_one_class_folder_is_refused(tmp_path):
+    from gapkd.data.sources import read_image_tree
+    from gapkd.errors import DataError
+
+    with pytest.raises(DataError, match="one class folder .'a'.*at least two"):
+        read_image_tree(_tree(tmp_path / "tree", classes=("a",)), "one")
+
+
+def test_a_subset_too_small_for_validation_is_refused_not_silently_unvalidated(tiny_overrides):
+    """Finding 9: data.train_subset=5 dropped the validation split and logged test accuracy as 'val'."""
+    from gapkd.api import run
+    from gapkd.errors import DataError
+
+    tiny_overrides["data"]["train_subset"] = 5
+    with pytest.raises(DataError, match="val_fraction=0.1 leaves no validation image of data.train_subset=5.*val_fraction=0"):
+        run(build_config({"method": {"name": "ce"}}, None, tiny_overrides), echo=False)
+    tiny_overrides["data"].update(train_subset=40, val_fraction=0)
+    tiny_overrides["train"]["epochs"] = 1
+    cfg = build_config({"method": {"name": "ce"}}, None, tiny_overrides)
+    summary = run(cfg, echo=False)
+    assert summary["best_val_acc"] is None
+    from gapkd.api import run_dir_for
+
+    line = (run_dir_for(cfg) / "train.log").read_text().splitlines()[-1]
+    assert "val -  test" in line  # no test accuracy under the val heading

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import DataConfig, RunConfig, build_config
-from .data import DataBundle, ImageData, build_data
+from .data import DataBundle, ImageData, build_data, check_trainable
 from .engine import distributed
 from .engine.checkpoint import safe_load
 from .engine.runlog import environment, tensorboard_writer_class
@@ -131,6 +131,7 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.seed)
     bundle = build_data(cfg.data, device, cfg.seed, resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last), data=data)
+    check_trainable(bundle, cfg.data)
     distiller = prepare_distiller(cfg, bundle, device)
     if dist.enabled:
         distributed.check_supported(distiller)  # before anything is written

@@ -255,7 +255,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         heads = "  ".join(f"{k} {v:.2f}" for k, v in val.items() if k != "student")
         log(
             f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  train {record['train_acc']:.2f}  "
-            f"val {val_acc if val_acc is not None else float('nan'):.2f}  test {test['student']:.2f}"
+            + (f"val {val_acc:.2f}" if data.val is not None else "val -") + f"  test {test['student']:.2f}"
             + (f"  [{heads}]" if heads else "") + f"  {epoch_seconds:.1f}s"
         )
         if main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == epochs):
