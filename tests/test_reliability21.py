@@ -214,3 +214,166 @@ def test_a_subset_too_small_for_validation_is_refused_not_silently_unvalidated(t
 
     line = (run_dir_for(cfg) / "train.log").read_text().splitlines()[-1]
     assert "val -  test" in line  # no test accuracy under the val heading
+
+
+# ---------------------------------------------------------------- finding 8: messages, not tracebacks
+
+def test_a_full_disk_under_torch_save_is_named_not_unexpected_pos(tmp_path, monkeypatch):
+    """torch.save writing into a file turned ENOSPC into 'RuntimeError: unexpected pos'."""
+    import errno
+    import os
+
+    from gapkd.engine import checkpoint
+    from gapkd.errors import CheckpointError
+
+    path = tmp_path / "state.pt"
+    checkpoint.atomic_save({"epoch": 1}, path)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(CheckpointError, match="no space left.*previous checkpoint is intact"):
+        checkpoint.atomic_save({"epoch": 2, "w": torch.ones(100_000)}, path)
+    monkeypatch.undo()
+    assert checkpoint.safe_load(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_damaged_checkpoints_and_folders_get_one_message_without_torchs_advice(tmp_path):
+    import os
+
+    from gapkd.engine.checkpoint import safe_load
+    from gapkd.errors import CheckpointError
+
+    (tmp_path / "zero.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "text.pt").write_text("not a checkpoint\n")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    expected = {"zero.pt": "is empty .0 bytes.", "random.pt": "is not a PyTorch checkpoint", "text.pt": "not a PyTorch checkpoint",
+                "run": "is a folder; give the path of a checkpoint file .a run's are in"}
+    for name, fragment in expected.items():
+        with pytest.raises(CheckpointError, match=fragment) as caught:
+            safe_load(tmp_path / name)
+        assert "weights_only" not in str(caught.value) and "objects other than tensors" not in str(caught.value)
+
+
+def _cli(capsys, *argv):
+    from gapkd.cli import main
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_unknown_device_read_only_folder_damaged_database_and_missing_plot_library_are_messages(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    import yaml
+
+    status, _, err = _cli(capsys, "train", "student.name=resnet8", "data.name=digits", "train.device=tpu", f"out_dir={tmp_path}")
+    assert status == 2 and "train.device=tpu" in err and "use auto, cpu, cuda" in err and len(err.strip().splitlines()) == 1
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # the run folder's parent refuses writes (root ignores chmod, so simulated)
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    status, _, err = _cli(capsys, "train", "student.name=resnet8", "data.name=digits", "train.epochs=1", "train.amp=off",
+                          f"out_dir={tmp_path / 'ro'}")
+    assert status == 2 and "cannot write" in err and "Permission denied" in err and "out_dir=" in err, err
+    monkeypatch.undo()
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"name": "s", "base": {"data": {"name": "digits"}}, "pairs": [{"student": "resnet8"}],
+                                     "methods": {"scratch": {"name": "ce"}}}))
+    (tmp_path / "sdir").mkdir()
+    (tmp_path / "sdir" / "results.sqlite").write_bytes(b"this is not a database" * 100)
+    status, _, err = _cli(capsys, "study", "status", str(study), "--dir", str(tmp_path / "sdir"))
+    assert status == 2 and "is damaged" in err and "Move it aside" in err and "summary.json" in err, err
+
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    status, _, err = _cli(capsys, "study", "report", str(study), "--dir", str(tmp_path / "fresh"))
+    assert status == 2 and "needs matplotlib" in err and 'pip install "gapkd[study]"' in err, err
+
+
+# ---------------------------------------------------------------- finding 10: smaller
+
+def test_a_closed_stdout_does_not_stop_training(tmp_path):
+    """`gapkd train ... | head -1` stopped training at the next epoch line and exited 0."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gapkd.cli", "train", "student.name=resnet8", "data.name=digits",
+                             "train.epochs=3", "train.amp=off", "data.train_subset=300", f"out_dir={tmp_path}", "name=piped"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()
+    assert b"epoch 1/3" in first
+    proc.stdout.close()  # the reader goes away, as `| head -1` does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    summary = json.loads((tmp_path / "piped" / "summary.json").read_text())
+    assert summary["epochs"] == 3 and len((tmp_path / "piped" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_killed_study_worker_is_not_shown_running(tmp_path):
+    import subprocess
+    import sys
+
+    from gapkd.study.store import worker_alive, worker_id
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = worker_id().rpartition(":")[0]
+    assert worker_alive(worker_id()) is True
+    assert worker_alive(f"{host}:{gone.pid}") is False
+    assert worker_alive(f"another-host-{host}:{gone.pid}") is None  # unknown: reported as it is
+
+
+def test_run_files_share_one_mode_and_eval_never_suggests_what_it_refuses(tiny_overrides, tmp_path):
+    import stat
+
+    from gapkd.api import evaluate, run, run_dir_for
+    from gapkd.errors import CheckpointError
+    from gapkd.testing import write_image
+
+    tiny_overrides["train"]["epochs"] = 1
+    cfg = build_config({"method": {"name": "ce"}}, None, tiny_overrides)
+    run(cfg, echo=False)
+    run_dir = run_dir_for(cfg)
+    mode = stat.S_IMODE((run_dir / "config.yaml").stat().st_mode)
+    for name in ("summary.json", "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/state.pt"):
+        assert stat.S_IMODE((run_dir / name).stat().st_mode) == mode, name
+
+    for split in ("train", "test"):  # a 2-class grey 8x8 dataset: the 10-class checkpoint does not fit it
+        for cls in ("a", "b"):
+            for i in range(10):
+                write_image(tmp_path / "two" / split / cls / f"{i}.png", seed=i, size=(8, 8), mode="L")
+    with pytest.raises(CheckpointError, match="trained for 10 classes.*dataset it was trained for") as caught:
+        evaluate(run_dir / "checkpoints" / "best.pt", {"name": "image-folder", "path": str(tmp_path / "two"), "val_fraction": 0})
+    assert "model.init_head" not in str(caught.value)

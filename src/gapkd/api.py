@@ -26,7 +26,12 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name} is not a device torch knows; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name}: gapkd trains on cpu or cuda; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu (or auto).")
     return device
@@ -42,8 +47,11 @@ def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
         if role == "teacher":
             fix = (f"a teacher must be trained for {data.name}: train one first, starting from this file (gapkd train -c <the "
                    f"teacher's recipe> student.name={model_cfg.name} student.checkpoint={model_cfg.checkpoint} student.init_head=reset).")
-        else:
+        elif role in ("student",):
             fix = f"set {role}.init_head=reset to start from its other weights with a fresh {data.num_classes}-class classifier."
+        else:  # a checkpoint evaluated or analysed as it is: a fresh classifier would score chance
+            fix = ("evaluate it on the dataset it was trained for (data.name=...), or train a model for "
+                   f"{data.name} starting from it (gapkd train ... student.checkpoint=FILE student.init_head=reset).")
         payload = safe_load(model_cfg.checkpoint)
         if isinstance(payload, dict) and payload.get("format") == "gapkd-model":
             if payload.get("num_classes") not in (None, data.num_classes) and not reset:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..engine.runlog import read_metrics
+from ..errors import GapkdError
 from .runner import DB_FILE, StudyRunner
 from .spec import StudySpec
 from .store import ResultStore
@@ -158,6 +159,7 @@ def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
 def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overrides: Optional[dict] = None,
                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Collect the study's results and write report.md, report.html and the plots; returns their paths."""
+    _require_study_extras()
     runner = StudyRunner(spec, study_dir, overrides=overrides, echo=False)
     out = Path(out_dir) if out_dir else runner.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,16 @@ def _main_rows(summary: Summary) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------ plots
+def _require_study_extras() -> None:
+    """The report draws plots (matplotlib) and runs Welch t-tests (SciPy): say so before anything is read."""
+    import importlib.util
+
+    missing = [name for name in ("matplotlib", "scipy") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise GapkdError(f"the study report needs {' and '.join(missing)} (plots and Welch t-tests), which "
+                         'is not installed: pip install "gapkd[study]".')
+
+
 def _pyplot():
     import matplotlib
 
