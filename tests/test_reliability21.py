@@ -377,3 +377,206 @@ def test_run_files_share_one_mode_and_eval_never_suggests_what_it_refuses(tiny_o
     with pytest.raises(CheckpointError, match="trained for 10 classes.*dataset it was trained for") as caught:
         evaluate(run_dir / "checkpoints" / "best.pt", {"name": "image-folder", "path": str(tmp_path / "two"), "val_fraction": 0})
     assert "model.init_head" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- findings 1, 2, 3, 6: the run directory
+
+def _cfg(overrides, **changes):
+    import copy
+
+    from gapkd.config import merge
+
+    return build_config({"method": {"name": "ce"}}, None, merge(copy.deepcopy(overrides), changes))
+
+
+def test_overwrite_deletes_only_a_gapkd_run_of_that_name_inside_out_dir(tiny_overrides, tmp_path):
+    """Finding 1: --overwrite ran rmtree on whatever out_dir/name was, before any check; name=. or ../../x escaped."""
+    from gapkd.api import run, run_dir_for
+    from gapkd.errors import ConfigError
+
+    out_dir = tmp_path / "runs"
+    victim = out_dir / "victim"
+    victim.mkdir(parents=True)
+    (victim / "thesis.txt").write_text("precious\n")
+    with pytest.raises(ConfigError, match="refuses to delete .*victim: it holds files a run does not write .thesis.txt."):
+        run(_cfg(tiny_overrides, name="victim", train={"epochs": 1}), echo=False, overwrite=True)
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.txt"]  # untouched, not even a lock file
+    for name in (".", "..", "../../x", "a/b"):
+        with pytest.raises(ConfigError, match="must be one folder name inside out_dir"):
+            run(_cfg(tiny_overrides, name=name), echo=False, overwrite=True)
+    assert (victim / "thesis.txt").read_text() == "precious\n"
+
+    cfg = _cfg(tiny_overrides, name="real", train={"epochs": 1})
+    first = run(cfg, echo=False)
+    (run_dir_for(cfg) / "notes.txt").write_text("mine\n")  # a file of the user's inside a run folder: still refused
+    with pytest.raises(ConfigError, match="notes.txt"):
+        run(cfg, echo=False, overwrite=True)
+    (run_dir_for(cfg) / "notes.txt").unlink()
+    again = run(cfg, echo=False, overwrite=True)  # a real run folder is started over
+    assert again["config_hash"] == first["config_hash"]
+    # a bad teacher (or bad data) stops --overwrite before anything is deleted
+    with pytest.raises(Exception, match="does not exist"):
+        run(_cfg(tiny_overrides, name="real", train={"epochs": 1}, student={"name": "resnet8", "checkpoint": str(tmp_path / "no.pt")}),
+            echo=False, overwrite=True)
+    assert (run_dir_for(cfg) / "summary.json").is_file()
+
+
+def test_a_second_process_on_a_live_run_directory_is_refused_naming_the_first(tiny_overrides, tmp_path):
+    """Finding 2: two processes on one run name both exited 0 with mixed files, or one crashed in os.replace."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from gapkd.api import run
+    from gapkd.errors import GapkdError
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    out_dir = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "gapkd.cli", "train", "student.name=resnet8", "data.name=digits", "train.epochs=200",
+                              "train.amp=off", "train.device=cpu", f"out_dir={out_dir}", "name=shared", "--quiet"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 240
+        while not (out_dir / "shared" / "metrics.jsonl").is_file():
+            assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() is not None else "timeout"
+            time.sleep(0.2)
+        before = (out_dir / "shared" / "config.yaml").read_text()
+        with pytest.raises(GapkdError, match=rf"shared is in use by another gapkd process \(pid {first.pid} on .*started"):
+            run(_cfg(tiny_overrides, name="shared", train={"epochs": 200}, optim={"lr": 0.2}), echo=False)
+        assert (out_dir / "shared" / "config.yaml").read_text() == before  # nothing of the second config written
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the kernel released the killed holder's lock: the same run resumes in this process
+    summary = run(_cfg(tiny_overrides, name="shared", train={"epochs": 1}), echo=False, overwrite=True)
+    assert summary["epochs"] == 1
+
+
+@pytest.mark.parametrize("lr", [1e6, 1e38])
+def test_a_diverged_run_never_checkpoints_nonfinite_or_exploded_weights(lr, tiny_overrides):
+    """Finding 3: lr=1e6 exited 0 with Inf BatchNorm running_var in last.pt/state.pt; lr=1e38 kept |w| ~ 1e37."""
+    from gapkd.api import run, run_dir_for
+    from gapkd.engine.checkpoint import safe_load
+    from gapkd.engine.runguard import diverged_tensor
+    from gapkd.errors import NonFiniteLossError
+
+    cfg = _cfg(tiny_overrides, optim={"lr": lr}, train={"epochs": 3})
+    with pytest.raises(NonFiniteLossError, match="NaN/Inf|diverged"):
+        run(cfg, echo=False)
+    checkpoints = run_dir_for(cfg) / "checkpoints"
+    for path in checkpoints.glob("*.pt"):
+        payload = safe_load(path)
+        state = payload.get("state_dict", payload.get("model"))
+        assert diverged_tensor(state) is None, path
+    assert not (run_dir_for(cfg) / "summary.json").exists()
+
+
+@pytest.mark.parametrize("corrupt, fragment", [
+    (lambda student: student.bn1.running_var.fill_(float("inf")), r"student.bn1.running_var holds NaN/Inf"),
+    (lambda student: student.fc.bias.data.fill_(1e25), r"student.fc.bias reached (9.99e\+24|1e\+25)"),  # every logit + 1e25: the loss stays log(10)
+])
+def test_divergence_with_finite_losses_is_caught_before_any_checkpoint(corrupt, fragment, tiny_overrides, monkeypatch):
+    """Finding 3's silent cases: BatchNorm running_var Inf (train mode normalises with batch statistics, so the loss
+    stays finite) and exploded but finite weights were checkpointed, and the run exited 0."""
+    from gapkd.api import run, run_dir_for
+    from gapkd.engine.checkpoint import safe_load
+    from gapkd.engine.runguard import diverged_tensor
+    from gapkd.errors import NonFiniteLossError
+    from gapkd.methods.ce import CrossEntropy
+
+    forward = CrossEntropy.forward
+
+    def diverging(self, images, labels, step):
+        if step.epoch == 1 and step.step % step.steps_per_epoch == 2:
+            with torch.no_grad():
+                corrupt(self.student)
+        return forward(self, images, labels, step)
+
+    monkeypatch.setattr(CrossEntropy, "forward", diverging)
+    cfg = _cfg(tiny_overrides, name="silent", train={"epochs": 3})
+    with pytest.raises(NonFiniteLossError, match=rf"diverged in epoch 2: {fragment}.*last good checkpoint .*state.pt is kept"):
+        run(cfg, echo=False)
+    state = safe_load(run_dir_for(cfg) / "checkpoints" / "state.pt")
+    assert state["epoch"] == 1 and diverged_tensor(state["model"]) is None
+    assert diverged_tensor(safe_load(run_dir_for(cfg) / "checkpoints" / "best.pt")["state_dict"]) is None
+    assert not (run_dir_for(cfg) / "checkpoints" / "last.pt").exists()
+
+
+def test_skipping_every_step_is_an_error_and_a_nan_teacher_is_named(tiny_overrides, monkeypatch, tmp_path):
+    from gapkd.api import run
+    from gapkd.engine.checkpoint import atomic_save, safe_load
+    from gapkd.errors import CheckpointError, NonFiniteLossError
+    from gapkd.methods.ce import CrossEntropy
+
+    teacher = run(_cfg(tiny_overrides, name="teacher", train={"epochs": 1}), echo=False)
+    teacher_path = tmp_path / "runs" / teacher["run"] / "checkpoints" / "best.pt"
+    payload = safe_load(teacher_path)
+    payload["state_dict"]["bn1.running_var"] = torch.full_like(payload["state_dict"]["bn1.running_var"], float("inf"))
+    atomic_save(payload, tmp_path / "nan-teacher.pt")
+    kd = {"method": {"name": "kd"}, "teacher": {"name": "resnet8", "checkpoint": str(tmp_path / "nan-teacher.pt")}}
+    with pytest.raises(CheckpointError, match="bn1.running_var holds NaN/Inf; it was saved by a run that diverged"):
+        run(build_config(None, None, {**tiny_overrides, **kd}), echo=False)
+
+    forward = CrossEntropy.forward
+
+    def nan_loss(self, images, labels, step):
+        out = forward(self, images, labels, step)
+        return type(out)({k: v * float("nan") for k, v in out.losses.items()}, out.logits)
+
+    monkeypatch.setattr(CrossEntropy, "forward", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="every step of epoch 1 .* was NaN/Inf and skipped"):
+        run(_cfg(tiny_overrides, name="all-skipped", train={"nonfinite": "skip"}), echo=False)
+
+
+class _Killed(BaseException):
+    """SIGKILL at this exact point: nothing after it runs (not even except clauses that expect Exception)."""
+
+
+def test_a_kill_while_metrics_jsonl_is_trimmed_on_resume_loses_no_epoch(tiny_overrides, monkeypatch):
+    """Finding 6: MetricsLog rewrote metrics.jsonl in place on every resume; a kill there lost epochs for good."""
+    from gapkd.api import run, run_dir_for
+    from gapkd.engine import checkpoint, runlog
+
+    cfg = _cfg(tiny_overrides, name="m", train={"epochs": 3})
+    run(cfg, echo=False)
+    path = run_dir_for(cfg) / "metrics.jsonl"
+    whole = path.read_text()
+    real_replace = checkpoint.os.replace
+
+    def killed_at_the_rename(source, target):
+        if str(target).endswith("metrics.jsonl"):
+            raise _Killed()
+        return real_replace(source, target)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_at_the_rename)
+    with pytest.raises(_Killed):
+        runlog.MetricsLog(path, keep_epochs=1)  # a resume after epoch 1 trims the later lines
+    assert path.read_text() == whole  # the old file, whole
+    monkeypatch.undo()
+    runlog.MetricsLog(path, keep_epochs=1)
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_torn_summary_and_teacher_accuracy_files_are_recomputed_not_fatal(tiny_overrides):
+    """Finding 6: a summary.json or teacher_acc.json torn by a kill made every rerun crash with JSONDecodeError."""
+    import json
+
+    from gapkd.api import run, run_dir_for
+
+    teacher = run(_cfg(tiny_overrides, name="t", train={"epochs": 1}), echo=False)
+    kd = {"method": {"name": "kd"}, "name": "kd", "train": {"epochs": 1},
+          "teacher": {"name": "resnet8", "checkpoint": str(run_dir_for(_cfg(tiny_overrides, name="t")) / "checkpoints" / "best.pt")}}
+    cfg = _cfg(tiny_overrides, **kd)
+    finished = run(cfg, echo=False)
+    assert teacher["run"] == "t" and "teacher_test_acc" in finished
+    run_dir = run_dir_for(cfg)
+    for name in ("summary.json", "teacher_acc.json"):
+        text = (run_dir / name).read_text()
+        (run_dir / name).write_text(text[: len(text) // 2])  # torn mid-write by an old version
+    again = run(cfg, echo=False)
+    assert again["teacher_test_acc"] == finished["teacher_test_acc"] and again["best_val_acc"] == finished["best_val_acc"]
+    assert json.loads((run_dir / "summary.json").read_text()) == again

@@ -1,9 +1,9 @@
 """The Python API the CLI calls: build a run from a config, train it, evaluate checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,8 @@ import torch
 from .config import DataConfig, RunConfig, build_config
 from .data import DataBundle, ImageData, build_data, check_trainable
 from .engine import distributed
-from .engine.checkpoint import safe_load
+from .engine.checkpoint import atomic_write_text, safe_load
+from .engine.runguard import RunLock, check_overwritable, check_run_name, diverged_tensor, read_json_or_none, remove_for_overwrite
 from .engine.runlog import environment, tensorboard_writer_class
 from .engine.trainer import autocast_context, fit, resolve_channels_last
 from .engine.trainer import evaluate as evaluate_heads  # `evaluate` below is the public checkpoint evaluation
@@ -72,6 +73,10 @@ def build_model(model_cfg, data: ImageData, role: str) -> torch.nn.Module:
                     )
                 model = METHODS.get(spec["method"]).rebuild_deployable(model, spec["options"])
         load_state_dict_strict(model, extract_state_dict(payload), source=source, reset_head=reset, head_hint=fix[0].upper() + fix[1:])
+        bad = diverged_tensor(model.state_dict())
+        if bad is not None:  # else a distillation from it fails on NaN losses, blamed on the learning rate
+            raise CheckpointError(f"{source}: {bad}; it was saved by a run that diverged. Use a checkpoint of a run that "
+                                  "trained (its best.pt), or train it again with a lower optim.lr or train.grad_clip.")
     return model
 
 
@@ -108,6 +113,7 @@ def prepare_distiller(cfg: RunConfig, bundle: DataBundle, device: torch.device) 
 
 def run_dir_for(cfg: RunConfig) -> Path:
     """Where a run writes: ``out_dir/name`` (the name defaults to one derived from the config and its hash)."""
+    check_run_name(cfg.name)
     return Path(cfg.out_dir) / (cfg.name or cfg.default_name())
 
 
@@ -121,12 +127,13 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     distributed.check_batch_size(cfg.data.batch_size, dist)
     main = dist.is_main
     echo = echo and main
-    if overwrite and run_dir.exists() and main:
-        shutil.rmtree(run_dir)
-    dist.barrier()
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+    summary = None if overwrite else read_json_or_none(summary_path)  # a torn one (old versions) counts as unfinished
+    if summary is not None:
         if summary.get("config_hash") == cfg.hparams_hash():
+            teacher_acc = read_json_or_none(run_dir / "teacher_acc.json")
+            if teacher_acc and not set(teacher_acc) <= set(summary) and main:  # killed between fit's summary and this one's
+                summary.update(teacher_acc)
+                atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
             if echo:
                 print(f"{run_dir} is already finished (pass --overwrite to run it again).")
             return summary
@@ -145,26 +152,32 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         distributed.check_supported(distiller)  # before anything is written
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
     hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None] if main else []
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        env = environment(device)
-        env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
-                       "test": bundle.test.num_samples, "classes": bundle.num_classes}
-        env["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
-        (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-    if distiller.teacher is not None and main:  # only rank 0 writes the summary that reports it
-        cached = run_dir / "teacher_acc.json"  # measured once per run, not again on every resume
-        if cached.exists():
-            teacher_acc = json.loads(cached.read_text())
-        else:
-            teacher_acc = _teacher_accuracy(cfg, bundle, device, amp_ctx)
-            cached.write_text(json.dumps(teacher_acc) + "\n")
-    result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks), dist=dist)
-    summary = result.summary
-    if distiller.teacher is not None and main:
-        summary.update(teacher_acc)
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if overwrite and main:
+        check_overwritable(run_dir, "run")  # before the lock file goes in
+    # the data and the teacher are good: now this process takes the run directory (one process at a time)
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        if overwrite and main:
+            remove_for_overwrite(run_dir, "run")  # only a gapkd run folder
+        dist.barrier()
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+            env = environment(device)
+            env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
+                           "test": bundle.test.num_samples, "classes": bundle.num_classes}
+            env["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
+            atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+        if distiller.teacher is not None and main:  # only rank 0 writes the summary that reports it
+            cached = run_dir / "teacher_acc.json"  # measured once per run, not again on every resume
+            teacher_acc = read_json_or_none(cached)
+            if teacher_acc is None:
+                teacher_acc = _teacher_accuracy(cfg, bundle, device, amp_ctx)
+                atomic_write_text(cached, json.dumps(teacher_acc) + "\n")
+        result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks), dist=dist)
+        summary = result.summary
+        if distiller.teacher is not None and main:
+            summary.update(teacher_acc)
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
     if dist.enabled:
         dist.barrier()
         summary = json.loads(summary_path.read_text())  # every process returns rank 0's summary

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -35,6 +34,7 @@ from .api import build_model, load_model, resolve_device, run
 from .config import RunConfig, _format_errors, build_config, merge, parse_overrides, read_yaml, validate_hparams
 from .data import ImageData, build_data, load_dataset
 from .engine.checkpoint import atomic_write_text
+from .engine.runguard import remove_for_overwrite
 from .engine.trainer import autocast_context
 from .errors import ConfigError, suggest
 from .methods import METHODS
@@ -141,8 +141,8 @@ def aid(config: str | os.PathLike | None = None, overrides: list[str] | dict | N
             raise ConfigError(f"{key}={path} does not exist.")
     pipeline_dir = pipeline_dir_for(cfg, options, hyper)
     stages = stage_configs(cfg, options, hyper, pipeline_dir)
-    if overwrite and pipeline_dir.exists():
-        shutil.rmtree(pipeline_dir)
+    if overwrite:
+        remove_for_overwrite(pipeline_dir, "pipeline")  # only a gapkd pipeline folder of run folders
     pipeline_dir.mkdir(parents=True, exist_ok=True)
     tree = cfg.model_dump(mode="json")
     tree["aid"] = {**options.model_dump(mode="json", exclude=set(options.model_extra or {})), **hyper}

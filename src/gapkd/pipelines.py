@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import api
 from .config import RunConfig, _format_errors, build_config, merge, parse_overrides, read_yaml
 from .engine.checkpoint import atomic_save, atomic_write_text, safe_load
+from .engine.runguard import remove_for_overwrite
 from .engine.trainer import deployable_payload
 from .errors import ConfigError
 from .registry import Registry
@@ -89,8 +89,8 @@ def run_stage(cfg: RunConfig, *, echo: bool = True, on_epoch=None) -> dict:
 
 
 def start(pipeline_dir: Path, overwrite: bool) -> None:
-    if overwrite and pipeline_dir.exists():
-        shutil.rmtree(pipeline_dir)
+    if overwrite:
+        remove_for_overwrite(pipeline_dir, "pipeline")  # only a gapkd pipeline folder of run folders
     pipeline_dir.mkdir(parents=True, exist_ok=True)
 
 

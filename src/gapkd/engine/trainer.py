@@ -19,6 +19,7 @@ from . import distributed
 from .checkpoint import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from .optim import build_optimizer, build_scheduler
 from .precision import CpuConvGuard
+from .runguard import diverged_tensor
 from .runlog import MetricsLog, TextLog, progress_bar
 
 STATE_FILE = "state.pt"
@@ -216,6 +217,18 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             sums = {name: value / dist.world_size for name, value in zip(sums, reduced)}
             correct, seen = reduced[-2], int(reduced[-1])
             distributed.sync_buffers(distiller, dist)
+        if done_steps == 0:  # train.nonfinite=skip skipped them all: nothing was trained, which is no success
+            raise NonFiniteLossError(
+                f"every step of epoch {epoch + 1} ({steps_per_epoch}) was NaN/Inf and skipped (train.nonfinite=skip): nothing "
+                "trained. Check the teacher checkpoint and the data; lower optim.lr or set train.grad_clip."
+            )
+        diverged = diverged_tensor(distiller.trainable_state_dict())  # finite losses do not prove finite weights
+        if diverged is not None:
+            kept = f"the last good checkpoint {state_path} is kept" if state_path.exists() else "no checkpoint had been written yet"
+            raise NonFiniteLossError(
+                f"the run diverged in epoch {epoch + 1}: {diverged} (weights and BatchNorm statistics are checked before "
+                f"every checkpoint); nothing of this epoch was saved and {kept}. Lower optim.lr or set train.grad_clip."
+            )
         epoch_losses = {name: float(value) / max(done_steps, 1) for name, value in sums.items()}
         if not check_every_step:
             bad = _nonfinite_term({k: torch.tensor(v) for k, v in epoch_losses.items()}, None)
