@@ -309,10 +309,9 @@ def test_unknown_device_read_only_folder_damaged_database_and_missing_plot_libra
     status, _, err = _cli(capsys, "study", "status", str(study), "--dir", str(tmp_path / "sdir"))
     assert status == 2 and "is damaged" in err and "Move it aside" in err and "summary.json" in err, err
 
-    import importlib.util
+    import sys
 
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
     status, _, err = _cli(capsys, "study", "report", str(study), "--dir", str(tmp_path / "fresh"))
     assert status == 2 and "needs matplotlib" in err and 'pip install "gapkd[study]"' in err, err
 

@@ -4,6 +4,7 @@ that diverged are never checkpointed; JSON files torn by an old crash are read a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -135,16 +136,20 @@ class RunLock:
 
 
 def diverged_tensor(state: dict[str, Any]) -> str | None:
-    """The first floating tensor of a state dict that is NaN/Inf or exploded (|x| > 1.8e19), described; None when all are sane."""
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
-            continue
-        if not bool(torch.isfinite(value).all()):
-            return f"{name} holds NaN/Inf"
-        peak = float(value.detach().abs().max())
-        if peak > EXPLODED:
-            return f"{name} reached {peak:.3g}"
-    return None
+    """The first floating tensor of a state dict that is NaN/Inf or exploded (|x| > 1.8e19), described; None when
+    all are sane. One device sync for the whole state dict (its peaks are gathered first)."""
+    named = [(name, value) for name, value in state.items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 0]
+    if not named:
+        return None
+    device = named[0][1].device
+    peaks = torch.stack([value.detach().abs().max().float().to(device) for _, value in named]).cpu()  # a NaN anywhere makes its peak NaN
+    bad = ~torch.isfinite(peaks) | (peaks > EXPLODED)
+    if not bool(bad.any()):
+        return None
+    index = int(torch.nonzero(bad)[0])
+    name, peak = named[index][0], float(peaks[index])
+    return f"{name} holds NaN/Inf" if not math.isfinite(peak) else f"{name} reached {peak:.3g}"
 
 
 def read_json_or_none(path: str | os.PathLike) -> dict | None:

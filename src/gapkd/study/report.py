@@ -289,9 +289,14 @@ def _main_rows(summary: Summary) -> list[list[str]]:
 # ------------------------------------------------------------------ plots
 def _require_study_extras() -> None:
     """The report draws plots (matplotlib) and runs Welch t-tests (SciPy): say so before anything is read."""
-    import importlib.util
+    import importlib
 
-    missing = [name for name in ("matplotlib", "scipy") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("matplotlib", "scipy.stats"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name.split(".")[0])
     if missing:
         raise GapkdError(f"the study report needs {' and '.join(missing)} (plots and Welch t-tests), which "
                          'is not installed: pip install "gapkd[study]".')
