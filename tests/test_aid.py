@@ -11,11 +11,17 @@ import torch.nn.functional as F
 import yaml
 
 from gapkd.analysis import (
-    class_similarity, compare_logits, decompose, dkd_terms, expected_calibration_error, inner_class, kd_loss, spread,
+    class_similarity,
+    compare_logits,
+    decompose,
+    dkd_terms,
+    expected_calibration_error,
+    inner_class,
+    kd_loss,
+    spread,
     top1_agreement,
 )
 from gapkd.methods.losses import kd_kl
-
 
 # --- decomposition: hand computation ------------------------------------------------------------
 

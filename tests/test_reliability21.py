@@ -459,8 +459,8 @@ def test_a_second_process_on_a_live_run_directory_is_refused_naming_the_first(ti
 def test_a_diverged_run_never_checkpoints_nonfinite_or_exploded_weights(lr, tiny_overrides):
     """Finding 3: lr=1e6 exited 0 with Inf BatchNorm running_var in last.pt/state.pt; lr=1e38 kept |w| ~ 1e37."""
     from gapkd.api import run, run_dir_for
+    from gapkd.core.runguard import diverged_tensor
     from gapkd.engine.checkpoint import safe_load
-    from gapkd.engine.runguard import diverged_tensor
     from gapkd.errors import NonFiniteLossError
 
     cfg = _cfg(tiny_overrides, optim={"lr": lr}, train={"epochs": 3})
@@ -482,8 +482,8 @@ def test_divergence_with_finite_losses_is_caught_before_any_checkpoint(corrupt, 
     """Finding 3's silent cases: BatchNorm running_var Inf (train mode normalises with batch statistics, so the loss
     stays finite) and exploded but finite weights were checkpointed, and the run exited 0."""
     from gapkd.api import run, run_dir_for
+    from gapkd.core.runguard import diverged_tensor
     from gapkd.engine.checkpoint import safe_load
-    from gapkd.engine.runguard import diverged_tensor
     from gapkd.errors import NonFiniteLossError
     from gapkd.methods.ce import CrossEntropy
 

@@ -8,12 +8,12 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..registry import Registry
+from ..core.errors import ConfigError, DataError
+from ..core.registry import Registry
+from . import sources, streaming
 from .core import ImageData, Split, cache_dir, check_labels, resolve_data_root, stratified_holdout, subsample
 from .loader import Batch, DeviceLoader, Normalizer
 from .streaming import DEFAULT_IMAGE_SIZE, FileSplit, FolderData, StreamingLoader
-from . import sources, streaming
 
 #: name -> reader(root: Path, config: DataConfig) -> ImageData
 DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")

@@ -18,7 +18,7 @@ def tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(
             'train.tensorboard=true needs the tensorboard package: pip install "gapkd[tensorboard]" '
@@ -48,7 +48,7 @@ class MetricsLog:
                     lines.append(line)
         text = "".join(line + "\n" for line in lines)
         if not path.exists() or path.read_text() != text:
-            from .checkpoint import atomic_write_text
+            from ..core.io import atomic_write_text
 
             atomic_write_text(path, text)  # a kill here keeps the old file whole, never a cut one
 
@@ -98,7 +98,7 @@ def progress_bar(total: int, description: str, enabled: bool):
 
 
 def environment(device: torch.device) -> dict:
-    from .. import __version__
+    from ..core.version import __version__
 
     info = {
         "gapkd": __version__,

@@ -6,7 +6,7 @@ while it stays accurate and keeps the original teacher T0's class-wise similarit
 
     L_AID = ce_weight * CE(z_T, y) + beta * L_inner(T || S_ref) + gamma * L_class(T0 || T)
 
-with L_inner and L_class from :mod:`gapkd.analysis.decomposition` at temperature tau.
+with L_inner and L_class from :mod:`gapkd.methods.decomposition` at temperature tau.
 
 The trainable module is the teacher being adapted: it is this Distiller's ``student``, so the
 engine trains it, evaluates it and saves it as best.pt / last.pt. T0 is the frozen ``teacher``;
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..analysis.decomposition import class_similarity, inner_class
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Distiller, StepOutput, TaskInfo, freeze, hparams, register_method
+from .decomposition import class_similarity, inner_class
 
 
 @hparams
@@ -60,8 +60,7 @@ class AIDAdapt(Distiller):
         self.reference = freeze(reference)
 
     def _load_reference(self, task: TaskInfo | None) -> nn.Module:
-        from ..engine.checkpoint import safe_load
-        from ..models import create_model, extract_state_dict, load_state_dict_strict
+        from .checkpoint import model_from_checkpoint
 
         h = self.hparams
         if not h.reference_checkpoint:
@@ -72,17 +71,10 @@ class AIDAdapt(Distiller):
             )
         if not Path(h.reference_checkpoint).is_file():
             raise ConfigError(f"method.reference_checkpoint={h.reference_checkpoint} does not exist; train the reference student first.")
-        payload = safe_load(h.reference_checkpoint)
-        ours = isinstance(payload, dict) and payload.get("format") == "gapkd-model"
-        name = h.reference_model or (payload.get("model") if ours else None)
-        if not name:
-            raise ConfigError(f"{h.reference_checkpoint} does not record its architecture; set method.reference_model=NAME.")
         num_classes = task.num_classes if task is not None else self.student.num_classes
         in_channels = task.in_channels if task is not None else self.student.in_channels
-        options = payload.get("options", {}) if ours else {}
-        model = create_model(name, num_classes=num_classes, in_channels=in_channels, **options)
-        load_state_dict_strict(model, extract_state_dict(payload), source=f"reference checkpoint {h.reference_checkpoint}")
-        return model
+        return model_from_checkpoint(h.reference_checkpoint, num_classes, in_channels, name=h.reference_model, role="reference",
+                                     name_hint="set method.reference_model=NAME")[0]
 
     def forward(self, images, labels, step):
         h = self.hparams

@@ -10,10 +10,12 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 #: Decorator for a method's hyper-parameter dataclass: validated, unknown keys refused.
-hparams = pydantic_dataclass(config=ConfigDict(extra="forbid"))
+#: The decorator of a method's hyper-parameter dataclass. Document each field with a one-line
+#: docstring under it (the one style; ``gapkd list methods -v`` prints them).
+hparams = pydantic_dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
 
 
 @hparams
@@ -106,6 +108,25 @@ class Distiller(nn.Module):
         """What the optimiser trains. ``lr_mult`` scales the base learning rate of a group."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_mult": 1.0, "name": "student"}]
 
+    def clip_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """The groups ``train.grad_clip_mode=per_group`` bounds separately: each of :meth:`param_groups`,
+        except that a group named ``student`` holding parameters outside the student (projectors,
+        embeddings added to the default group) is split into ``student`` and ``auxiliary``."""
+        student_ids = {id(p) for p in self.student.parameters()}
+        groups: list[tuple[str, list[nn.Parameter]]] = []
+        for index, group in enumerate(self.param_groups()):
+            params = [p for p in group["params"] if p.requires_grad]
+            name = group.get("name", f"group{index}")
+            if not params:
+                continue
+            if name == "student":
+                auxiliary = [p for p in params if id(p) not in student_ids]
+                params = [p for p in params if id(p) in student_ids]
+                groups += [(n, ps) for n, ps in (("student", params), ("auxiliary", auxiliary)) if ps]
+            else:
+                groups.append((name, params))
+        return groups
+
     def deployable(self) -> nn.Module:
         """The module evaluated, exported and shipped."""
         return self.student
@@ -142,6 +163,15 @@ class Distiller(nn.Module):
     @classmethod
     def hparam_defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in dataclasses.fields(cls.Hparams)}
+
+    @classmethod
+    def hparam_docs(cls) -> dict[str, str]:
+        """Each hyper-parameter's one-line docstring ('' where it has none)."""
+        def doc(name: str) -> str:  # a subclass's field keeps the docstring its base class gave it
+            found = (getattr(k, "__pydantic_fields__", {}).get(name) for k in cls.Hparams.__mro__)
+            return next((info.description for info in found if info is not None and info.description), "")
+
+        return {f.name: doc(f.name) for f in dataclasses.fields(cls.Hparams)}
 
 
 METHODS: Registry[type[Distiller]] = Registry("method")

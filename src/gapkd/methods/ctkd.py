@@ -58,12 +58,18 @@ def cosine_curriculum(epoch: int, lambda_max: float, lambda_epochs: int) -> floa
 
 @hparams
 class CTKDHparams:
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 0.1
-    kd_weight: Annotated[float, Field(ge=0, description="weight of tau^2 * KL(teacher || student) at the learned tau")] = 0.9
-    min_temperature: Annotated[float, Field(gt=0, description="lowest temperature the module can reach")] = 1.0
-    temperature_range: Annotated[float, Field(gt=0, description="tau lies in (min, min + range); official CIFAR: 1 + 20 sigmoid")] = 20.0
-    lambda_max: Annotated[float, Field(ge=0, description="final strength of the gradient reversal")] = 1.0
-    lambda_epochs: Annotated[int, Field(ge=0, description="epochs of the cosine curriculum from 0 to lambda_max")] = 10
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels"""
+    kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of tau^2 * KL(teacher || student) at the learned tau"""
+    min_temperature: Annotated[float, Field(gt=0)] = 1.0
+    """lowest temperature the module can reach"""
+    temperature_range: Annotated[float, Field(gt=0)] = 20.0
+    """tau lies in (min, min + range); official CIFAR: 1 + 20 sigmoid"""
+    lambda_max: Annotated[float, Field(ge=0)] = 1.0
+    """final strength of the gradient reversal"""
+    lambda_epochs: Annotated[int, Field(ge=0)] = 10
+    """epochs of the cosine curriculum from 0 to lambda_max"""
 
 
 @register_method("ctkd", "curriculum-temperature")

@@ -37,11 +37,16 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
 @hparams
 class DKDHparams:
-    alpha: Annotated[float, Field(ge=0, description="weight of TCKD (target-class KD)")] = 1.0
-    beta: Annotated[float, Field(ge=0, description="weight of NCKD (non-target KD); mdistiller: 8, or 2/6 for some pairs")] = 8.0
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature")] = 4.0
-    warmup_epochs: Annotated[int, Field(ge=0, description="KD weight ramps as min(epoch / warmup, 1), epochs counted from 1")] = 20
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+    alpha: Annotated[float, Field(ge=0)] = 1.0
+    """weight of TCKD (target-class KD)"""
+    beta: Annotated[float, Field(ge=0)] = 8.0
+    """weight of NCKD (non-target KD); mdistiller: 8, or 2/6 for some pairs"""
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature"""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 20
+    """KD weight ramps as min(epoch / warmup, 1), epochs counted from 1"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
 
 
 @register_method("dkd", "decoupled-kd")

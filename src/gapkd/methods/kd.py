@@ -13,8 +13,11 @@ from .losses import kd_kl
 @hparams
 class KDHparams:
     temperature: Annotated[float, Field(gt=0)] = 4.0
+    """tau of the softened teacher and student distributions"""
     ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels"""
     kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of tau^2 * KL(teacher || student)"""
 
 
 @register_method("kd", "vanilla-kd", "hinton")

@@ -24,7 +24,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import StagedNet, init_conv_bn
 from .cifar_resnet import BasicBlock, Bottleneck, make_resnet_layer
 from .registry import register_model

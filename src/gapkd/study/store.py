@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..errors import GapkdError
+from ..core.errors import GapkdError
 
 #: summary.json metrics kept as columns (the whole summary is also kept as JSON)
 METRIC_COLUMNS = {

@@ -14,25 +14,17 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, GapkdError
+from .errors import ConfigError, GapkdError
+from .rundir import RunDir, check_run_name, read_json_or_none  # noqa: F401  (part of this module's API)
 
 LOCK_FILE = ".lock"
 #: what a run directory holds (see README: config.yaml, env.json, metrics.jsonl, train.log, checkpoints/, summary.json)
-RUN_ENTRIES = {"config.yaml", "env.json", "metrics.jsonl", "train.log", "summary.json", "teacher_acc.json", "tensorboard",
-               "export", "checkpoints", LOCK_FILE}
+RUN_ENTRIES = {RunDir.CONFIG, RunDir.ENV, RunDir.METRICS, RunDir.LOG, RunDir.SUMMARY, RunDir.TEACHER_ACC, RunDir.TENSORBOARD,
+               RunDir.EXPORT, RunDir.CHECKPOINTS, LOCK_FILE}
 #: files a pipeline folder holds besides its stages' run folders
 PIPELINE_FILES = {"pipeline.json", "aid_config.json", "aid_summary.json", "adapted_teacher_report.json", "adapted_teacher_report.md"}
 #: a weight or statistic larger than this is exploded: its square overflows float32 (the next norm or variance is Inf)
 EXPLODED = 1.8e19
-
-
-def check_run_name(name: str | None) -> None:
-    """A run's name is one folder name inside out_dir: not empty, not . or .., no path separator."""
-    if name is None:
-        return
-    if name in ("", ".", "..") or "/" in name or "\\" in name or os.sep in name:
-        raise ConfigError(f"name={name!r} must be one folder name inside out_dir (no '/', not '.' or '..'); "
-                          "put the parent folder in out_dir=... instead.")
 
 
 def _run_folder_problem(path: Path) -> str | None:
@@ -45,7 +37,7 @@ def _run_folder_problem(path: Path) -> str | None:
     foreign = sorted(e for e in entries - RUN_ENTRIES if not (e.startswith(".") and e.endswith(".tmp")))
     if foreign:
         return f"it holds files a run does not write ({', '.join(foreign[:5])})"
-    if entries and not entries & {"config.yaml", LOCK_FILE}:
+    if entries and not entries & {RunDir.CONFIG, LOCK_FILE}:
         return "it has no config.yaml"
     return None
 
@@ -150,16 +142,3 @@ def diverged_tensor(state: dict[str, Any]) -> str | None:
     index = int(torch.nonzero(bad)[0])
     name, peak = named[index][0], float(peaks[index])
     return f"{name} holds NaN/Inf" if not math.isfinite(peak) else f"{name} reached {peak:.3g}"
-
-
-def read_json_or_none(path: str | os.PathLike) -> dict | None:
-    """A JSON file gapkd wrote, or None when it is absent or torn (written by a version without atomic writes and
-    killed mid-write): the caller then recomputes it."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return value if isinstance(value, dict) else None

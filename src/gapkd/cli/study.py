@@ -1,4 +1,4 @@
-"""`gapkd study run|report|status`: the study subcommands (kept here so cli.py stays thin)."""
+"""`gapkd study run|report|status`: the study subcommands."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ EXAMPLES = {
     "run": """
         examples:
           gapkd study run capacity-cifar10 --budget smoke               # seconds, on digits
-          gapkd study run capacity-cifar10 --budget cpu data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz
+          gapkd study run capacity-cifar10 --budget cpu data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz
           gapkd study run gap-ladder --budget full --phase teachers --shard 2/8 --dir /shared/studies/ladder
           gapkd study run my-study.yaml --budget short --dry-run        # list this shard's runs and stop
     """,
@@ -43,7 +43,7 @@ class _IntermixedParser(argparse.ArgumentParser):
 
 def add_study_parser(sub) -> None:
     """Register `study` and its subcommands on the top-level subparsers object."""
-    from ..cli import plugin_option
+    from .common import plugin_option
 
     study = sub.add_parser("study", help="Capacity-gap studies: run a grid of runs, report it, see where it stands.",
                            description="Grids over datasets x teacher->student pairs x methods x hyper-parameters x seeds, "
@@ -58,7 +58,7 @@ def add_study_parser(sub) -> None:
     for name, text in helps.items():
         parser = commands.add_parser(name, help=text, description=text, epilog=textwrap.dedent(EXAMPLES[name]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
-        parser.add_argument("study", help="a built-in study (capacity-cifar10, gap-ladder) or a study YAML file")
+        parser.add_argument("study", help="a built-in study (capacity-ladder-cpu, capacity-cifar10, gap-ladder) or a study YAML file")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="run-config overrides for every run, e.g. data.root=DIR train.device=cuda train.threads=8")
         parser.add_argument("--budget", help="budget preset of the study: full, short, cpu or smoke for the built-in ones")
@@ -76,8 +76,8 @@ def add_study_parser(sub) -> None:
 
 
 def study_command(args) -> int:
-    from .spec import parse_shard
-    from .study import Study
+    from ..study.spec import parse_shard
+    from ..study.study import Study
 
     study = Study.load(args.study, args.budget, directory=args.dir, overrides=args.overrides)
     if args.study_command == "run":

@@ -7,14 +7,17 @@ import os
 import sys
 import textwrap
 
-from .errors import GapkdError
+from ..core.errors import GapkdError
+from .common import add_common as _add_common
+from .common import command_overrides as _overrides
+from .common import plugin_option
 
 EXAMPLES = {
     "train": """
         examples:
-          gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz \\
+          gapkd train student.name=resnet56 data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz \\
               data.train_subset=2000 train.epochs=1 run.name=teacher-r56
-          gapkd train -c configs/cifar100/resnet56.yaml train.epochs=240
+          gapkd train -c configs/cifar100/teachers/resnet56.yaml train.epochs=240
           gapkd train -c configs/cub200/teachers/resnet34.yaml optim.lr=0.01 \\
               student.checkpoint=weights/resnet34-b627a593.pth student.init_head=reset   # ImageNet weights, fresh 200-class head
     """,
@@ -47,6 +50,7 @@ EXAMPLES = {
           gapkd export runs/simkd-r20 --format torchscript --checkpoint last --out simkd.pt
     """,
     "aid": """
+        The same as `gapkd pipeline aid` (kept as a shorter spelling).
         AID is our reading of the published abstract of Qian, Le & Harandi, "A Good Teacher Adapts
         Their Knowledge for Distillation" (ICCV 2025); the paper's formulas and code are not public.
         Stages (each a run folder inside the pipeline folder; finished ones are skipped, interrupted
@@ -72,7 +76,7 @@ EXAMPLES = {
         examples:
           gapkd data check data.name=imagenet data.path=/data/imagenet --workers 16 --json imagenet-check.json
           gapkd data check data.name=image-folder-stream data.path=/data/my-tree --limit 2000   # a quick random sample
-          gapkd data check data.name=cifar10-jpg data.path=../shared/data/cifar10-jpg/cifar10-jpg-q75.tar.gz
+          gapkd data check data.name=cifar10-jpg data.path=/data/cifar10-jpg-q75.tar.gz
     """,
     "list": """
         examples:
@@ -94,61 +98,8 @@ EXAMPLES = {
 }
 
 
-def plugin_option(dest: str = "plugins") -> argparse.ArgumentParser:
-    """A parent parser with ``--plugin MODULE`` (repeatable) and ``--trust-plugins``: every command takes them,
-    before or after its name."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--plugin", action="append", default=[], dest=dest, metavar="MODULE",
-                        help="import a module (mypkg.kd) or .py file (./my_method.py) that registers methods, models or "
-                             "datasets; repeatable; added to the config's `plugins` (docs/add-a-method.md)")
-    parent.add_argument("--trust-plugins", action="store_true", default=argparse.SUPPRESS,
-                        help="import the plugins that YAML files (recipes, study files, run folders' config.yaml) list: "
-                             "their Python code runs. Without it such a file is refused unless --plugin names each of them")
-    return parent
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="YAML recipe (keys: data, student, teacher, method, optim, schedule, train, seed, ...)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=10")
-    parser.add_argument("--data-root", help="data root (default: $GAPKD_DATA, then ~/.cache/gapkd/data)")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name first")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch lines on stdout (train.log still has them)")
-
-
-def _overrides(args) -> list[str]:
-    overrides = []
-    for item in args.overrides:
-        # "run.name=x" and "run.out_dir=y" are friendlier spellings of the top-level keys
-        if item.startswith("run."):
-            item = item[len("run."):]
-        overrides.append(item)
-    if getattr(args, "data_root", None):
-        overrides.append(f"data.root={args.data_root}")
-    return overrides
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gapkd",
-        description="Knowledge distillation across the teacher-student capacity gap.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run `gapkd COMMAND --help` for each command's options and examples.",
-        parents=[plugin_option("global_plugins")],  # its own dest: a subcommand's --plugin list would replace it
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command")
-
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=textwrap.dedent(EXAMPLES.get(name, "")),
-                              formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
-
-    _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
-    _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
-
-    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher), AID (adapted teacher).")
-    pl.add_argument("kind", help="takd, eskd or aid (options under takd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
-    _add_common(pl)
-
+def _add_checkpoint_commands(add) -> None:
+    """eval, analyze and export: the commands that read checkpoints."""
     ev = add("eval", "Evaluate a model checkpoint on the validation and test splits of a dataset.")
     ev.add_argument("checkpoint")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="data.* keys, e.g. data.name=cifar10-jpg")
@@ -180,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data-root", help="where the run's dataset is, when not where the run found it")
     ex.add_argument("--json", action="store_true", help="print JSON only")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gapkd",
+        description="Knowledge distillation across the teacher-student capacity gap.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `gapkd COMMAND --help` for each command's options and examples.",
+        parents=[plugin_option("global_plugins")],  # its own dest: a subcommand's --plugin list would replace it
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=textwrap.dedent(EXAMPLES.get(name, "")),
+                              formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
+
+    _add_common(add("train", "Train a model with labels only (a teacher or a from-scratch baseline)."))
+    _add_common(add("distill", "Distil a student from a trained teacher with any method (default kd)."))
+
+    pl = add("pipeline", "Multi-stage recipes: TAKD (teacher -> assistant -> student), ESKD (early-stopped teacher), AID (adapted teacher).")
+    pl.add_argument("kind", help="takd, eskd or aid (options under takd.* / eskd.* / aid.*, see docs/pipelines.md, docs/aid.md)")
+    _add_common(pl)
+
+    _add_checkpoint_commands(add)
+
     data = sub.add_parser("data", help="Dataset tools: `gapkd data check` reads a whole dataset before a long run.",
                           description="Dataset tools.")
     data_commands = data.add_subparsers(dest="data_command", metavar="{check}")
@@ -205,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out-dir", default="runs/quickstart")
     qs.add_argument("--data-root")
 
-    from .study.cli import add_study_parser
+    from .study import add_study_parser
 
     add_study_parser(sub)
     return parser
@@ -220,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
-        from . import __version__
+        from ..core.version import __version__
 
         print(__version__)
         return 0
@@ -234,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if int(os.environ.get("RANK", "0")) > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr from every rank
-    from .plugins import command_line_plugins, trust_plugins
+    from ..core.plugins import command_line_plugins, trust_plugins
 
     if args.command in LONG_COMMANDS:
         sys.stdout = _OutliveReader(sys.stdout)
@@ -250,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0 if args.command == "list" else 141  # a training command that could not report must not look successful
     except OSError as error:  # the file system refused (read-only folder, full disk): the file and the fix, no traceback
-        from .errors import os_error_message
+        from ..core.errors import os_error_message
 
         print(f"gapkd {args.command}: error: {os_error_message(error)}", file=sys.stderr)
         return 2
@@ -290,7 +266,7 @@ class _OutliveReader:
 
 
 def _train(args) -> int:
-    from . import api
+    from .. import api
 
     summary = api.train(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
@@ -298,7 +274,7 @@ def _train(args) -> int:
 
 
 def _distill(args) -> int:
-    from . import api
+    from .. import api
 
     summary = api.distill(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
@@ -306,7 +282,7 @@ def _distill(args) -> int:
 
 
 def _pipeline(args) -> int:
-    from .pipelines import PIPELINES
+    from ..pipelines import PIPELINES
 
     summary = PIPELINES.get(args.kind)(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
@@ -314,7 +290,7 @@ def _pipeline(args) -> int:
 
 
 def _eval(args) -> int:
-    from . import api
+    from .. import api
 
     result = api.evaluate_checkpoint(args.checkpoint, _data_config(args), args.model, args.device)
     if args.json:
@@ -327,14 +303,14 @@ def _eval(args) -> int:
 
 def _data_config(args):
     """The DataConfig of commands that take only data.* overrides."""
-    from .api import data_config
+    from ..api import data_config
 
     return data_config(_overrides(args), args.command)
 
 
 def _analyze(args) -> int:
-    from . import api
-    from .analysis import format_report
+    from .. import api
+    from ..analysis import format_report
 
     report = api.analyze_checkpoints(args.teacher_checkpoint, args.student_checkpoint, _data_config(args), args.split,
                                      teacher_model=args.teacher_model, student_model=args.student_model,
@@ -349,7 +325,7 @@ def _analyze(args) -> int:
 
 
 def _export(args) -> int:
-    from .deploy import export
+    from ..deploy import export
 
     result = export(args.run_dir, args.format, args.out, checkpoint=args.checkpoint, samples=args.samples,
                     tolerance=args.tolerance, data_root=args.data_root)
@@ -363,9 +339,9 @@ def _export(args) -> int:
 
 
 def _data(args) -> int:
-    from . import api
-    from .data.check import format_report
-    from .errors import DataError
+    from .. import api
+    from ..core.errors import DataError
+    from ..data.check import format_report
 
     report = api.check_data(_data_config(args), workers=args.workers, limit=args.limit, echo=True)
     print(format_report(report))
@@ -378,35 +354,37 @@ def _data(args) -> int:
 
 
 def _aid(args) -> int:
-    from .pipeline_aid import aid
-
-    summary = aid(args.config, _overrides(args), echo=not args.quiet, overwrite=args.overwrite)
-    print(json.dumps({k: summary[k] for k in ("dir", "student_best_val_acc", "student_test_acc_at_best_val", "student_checkpoint")}, indent=2))
-    return 0
+    """`gapkd aid ...` is `gapkd pipeline aid ...`: one pipeline, one handler."""
+    args.kind = "aid"
+    return _pipeline(args)
 
 
 def _list(args) -> int:
     if args.what == "models":
-        from .models import MODELS
+        from ..models import MODELS
 
         for name in MODELS.names():
             if not args.verbose:
                 print(name)
                 continue
-            from .models.info import describe_model
+            from ..models.info import describe_model
 
             print(describe_model(name))
     elif args.what == "methods":
-        from .methods import METHODS
+        from ..methods import METHODS
 
         for name in METHODS.names():
             cls = METHODS.get(name)
             print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
+            if args.verbose:
+                docs = cls.hparam_docs()
+                for key, default in cls.hparam_defaults().items():
+                    print(f"    {key} = {default!r}" + (f"  # {docs[key]}" if docs[key] else ""))
     else:
         if args.what == "pipelines":
-            from .pipelines import PIPELINES as registry
+            from ..pipelines import PIPELINES as registry
         else:
-            from .data import DATASETS as registry
+            from ..data import DATASETS as registry
 
         for name in registry.names():
             doc = (registry.get(name).__doc__ or "").strip().splitlines()
@@ -415,14 +393,14 @@ def _list(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from .quickstart import quickstart
+    from ..quickstart import quickstart
 
     quickstart(dataset=args.dataset, epochs=args.epochs, out_dir=args.out_dir, data_root=args.data_root)
     return 0
 
 
 def _study(args) -> int:
-    from .study.cli import study_command
+    from .study import study_command
 
     return study_command(args)
 
