@@ -264,7 +264,7 @@ def test_damaged_checkpoints_and_folders_get_one_message_without_torchs_advice(t
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     expected = {"zero.pt": "is empty .0 bytes.", "random.pt": "is not a PyTorch checkpoint", "text.pt": "not a PyTorch checkpoint",
-                "run": "is a folder; give the path of a checkpoint file .a run's are in"}
+                "run": "is a folder; give the path of a file .a run.s are in"}
     for name, fragment in expected.items():
         with pytest.raises(CheckpointError, match=fragment) as caught:
             safe_load(tmp_path / name)

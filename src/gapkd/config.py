@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core.errors import ConfigError, suggest
+from .core.io import check_file
 from .core.plugins import check_file_plugins, import_plugins, plugin_list, with_command_line_plugins
 
 
@@ -380,11 +381,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if path.is_dir():
-        hint = f" (a run folder's config is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
-        raise ConfigError(f"config file {path} is a folder; give the path of a YAML file{hint}.")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.")
+    check_file(path, "config file", ConfigError, path / "config.yaml", "a run folder's config is")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:

@@ -87,14 +87,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def check_file(path: Path, what: str, error: type[Exception], inside: Path, where: str) -> None:
+    """One error for a missing ``what`` file, or a folder given in its place (then naming ``inside`` when it exists:
+    the file or folder the user probably meant, introduced by ``where``)."""
+    if path.is_dir():
+        hint = f" ({where} {inside})" if inside.exists() else ""
+        raise error(f"{what} {path} is a folder; give the path of a file{hint}.")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist.")
+
+
 def safe_load(path: str | os.PathLike) -> Any:
     """torch.load with weights_only=True and a clear message for every way it can fail."""
     path = Path(path)
-    if path.is_dir():
-        hint = f" (a run's are in {path / 'checkpoints'})" if (path / "checkpoints").is_dir() else ""
-        raise CheckpointError(f"checkpoint {path} is a folder; give the path of a checkpoint file{hint}.")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist.")
+    check_file(path, "checkpoint", CheckpointError, path / "checkpoints", "a run's are in")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): a write that never finished; use another checkpoint or train it again.")
     try:
