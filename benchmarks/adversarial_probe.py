@@ -80,8 +80,11 @@ def cases(work: Path):
 
     def export_with_plugin():
         run_dir = trained("exported")
-        text = (run_dir / "config.yaml").read_text()
-        (run_dir / "config.yaml").write_text(f"plugins: [{evil}]\n" + text)
+        import yaml
+
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["plugins"] = [str(evil)]  # (a line put in front would lose to the file's own `plugins: []`)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
         return ["export", str(run_dir), "--format", "torchscript"]
 
     def cut_tar():
