@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ..core.errors import GapkdError
-
 #: summary.json metrics kept as columns (the whole summary is also kept as JSON)
 METRIC_COLUMNS = {
     "best_val_acc": "REAL", "best_epoch": "INTEGER", "test_acc_at_best_val": "REAL", "last_val_acc": "REAL",
@@ -74,6 +72,8 @@ class ResultStore:
             if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
                 raise
             self._db.close()
+            from ..core.errors import GapkdError  # here: this module also runs alone (stdlib only), as tests' writer processes
+
             raise GapkdError(
                 f"the study database {self.path} is damaged ({error}). Move it aside (mv {self.path} {self.path}.broken) "
                 "and run the command again: a new one is made, `gapkd study run` skips the finished runs, and "
