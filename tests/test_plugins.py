@@ -148,7 +148,7 @@ def test_a_plugin_that_cannot_be_imported_is_one_clear_error_and_nothing_is_writ
     assert "No module named 'gapkd_no_such_plugin'" in err and "PYTHONPATH" in err and "--plugin ./my_method.py" in err
 
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({**recipe, "plugins": ["./missing_method.py"]}))
-    assert main(["train", "-c", str(tmp_path / "cfg.yaml")]) == 2
+    assert main(["train", "-c", str(tmp_path / "cfg.yaml"), "--trust-plugins"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "plugin file ./missing_method.py does not exist" in err
     assert not out_dir.exists()
@@ -180,7 +180,7 @@ def test_train_and_distill_from_the_command_line_with_yaml_plugins_and_with_plug
     recipe.update(teacher={"name": plugin.model, "checkpoint": str(Path(recipe["out_dir"]) / "teacher" / "checkpoints" / "best.pt")},
                   method={"name": plugin.method, "weight": 0.5})
     (plugin.path.parent / "distill.yaml").write_text(yaml.safe_dump({**recipe, "plugins": ["./my_method.py"]}))
-    assert main(["distill", "-c", "distill.yaml", "run.name=from-yaml", "--quiet"]) == 0
+    assert main(["distill", "-c", "distill.yaml", "run.name=from-yaml", "--quiet", "--trust-plugins"]) == 0
     from_yaml = json.loads(capsys.readouterr().out)
     run_dir = Path(recipe["out_dir"]) / "from-yaml"
     assert from_yaml["method"] == plugin.method and from_yaml["teacher"] == plugin.model
@@ -190,7 +190,7 @@ def test_train_and_distill_from_the_command_line_with_yaml_plugins_and_with_plug
     assert saved["plugins"] == ["./my_method.py"] and saved["method"] == {"name": plugin.method, "weight": 0.5}
 
     # the saved config re-runs as it is: same config, same hash, so the finished run is recognised
-    assert main(["distill", "-c", str(run_dir / "config.yaml")]) == 0
+    assert main(["distill", "-c", str(run_dir / "config.yaml"), "--plugin", "./my_method.py"]) == 0
     assert "already finished" in capsys.readouterr().out
 
     # --plugin is the same as listing the module in `plugins`: the same config and hash
@@ -208,7 +208,7 @@ def test_plugin_option_adds_to_the_configs_plugins(plugin, tmp_path, recipe, mon
     recipe.update(plugins=[str(plugin.path)], teacher={"name": "resnet14", "checkpoint": "t.pt"}, method={"name": plugin.method})
     (tmp_path / "takd.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["pipeline", "takd", "-c", str(tmp_path / "takd.yaml"), f"takd.assistant={other.model}", "--plugin", str(other.path),
-                 "--quiet"]) == 0
+                 "--quiet", "--trust-plugins"]) == 0
     assert [cfg.name for cfg in seen] == [f"assistant-{other.model}", "student"]
     assert all(cfg.plugins == [str(plugin.path), str(other.path)] and cfg.method.name == plugin.method for cfg in seen)
     assert seen[0].student.name == other.model and seen[1].teacher.name == other.model
@@ -223,7 +223,7 @@ def test_a_study_imports_the_plugins_its_base_names(plugin, tmp_path, recipe, ca
              "methods": {"scratch": {"name": "ce"}, "l2": {"name": plugin.method}}, "seeds": [0]}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     assert plugin.method not in METHODS
-    assert main(["study", "run", str(tmp_path / "study.yaml"), "--dir", str(tmp_path / "study"), "--quiet"]) == 0
+    assert main(["study", "run", str(tmp_path / "study.yaml"), "--dir", str(tmp_path / "study"), "--quiet", "--trust-plugins"]) == 0
     assert "3 trained, 0 already finished, 0 failed" in capsys.readouterr().out
     configs = [yaml.safe_load(path.read_text()) for path in (tmp_path / "study" / "runs").rglob("config.yaml")]
     assert len(configs) == 3 and all(cfg["plugins"] == [str(plugin.path)] for cfg in configs)

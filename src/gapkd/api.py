@@ -4,9 +4,9 @@ is :class:`gapkd.core.rundir.RunDir`; the runtime (device, precision, memory for
 :class:`gapkd.engine.runtime.Runtime`, resolved once per run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from .build import build_distiller, build_model, load_model, prepare_distiller  
 from .config import DataConfig, RunConfig, build_config
 from .core import distributed
 from .core.errors import ConfigError
+from .core.io import atomic_write_text
 from .core.rundir import RunDir
-from .data import DataBundle, ImageData, build_data
+from .core.runguard import RunLock, check_overwritable, read_json_or_none, remove_for_overwrite
+from .data import DataBundle, ImageData, build_data, check_trainable
 from .engine.runlog import environment, tensorboard_writer_class
 from .engine.runtime import Runtime, resolve_device
 from .engine.trainer import evaluate as evaluate_heads  # `evaluate` below is the public checkpoint evaluation
@@ -50,20 +52,28 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     _process_options(cfg)
     runtime = Runtime.from_train(cfg.train, device)
     bundle = build_data(cfg.data, device, cfg.seed, runtime.channels_last, data=data)
+    check_trainable(bundle, cfg.data)
     distiller = prepare_distiller(cfg, bundle, device, runtime)
     if dist.enabled:
         distributed.check_supported(distiller)  # before anything is written
     hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, runtime.autocast)) if h is not None] if main else []
     teacher_acc = None
-    if main:
-        _write_run_files(cfg, rundir, bundle, dist, device)
-        if distiller.teacher is not None:  # only rank 0 writes the summary that reports it
-            teacher_acc = _cached_teacher_accuracy(cfg, rundir, bundle, runtime)
-    result = fit(distiller, bundle, cfg, rundir.path, device, echo=echo, on_epoch=_chain(hooks), dist=dist, runtime=runtime)
-    summary = result.summary
-    if teacher_acc is not None:
-        summary.update(teacher_acc)
-        rundir.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if overwrite and main:
+        check_overwritable(rundir.path, "run")  # before the lock file goes in
+    # the data and the teacher are good: now this process takes the run directory (one process at a time)
+    with RunLock(rundir.path) if main else contextlib.nullcontext():
+        if overwrite and main:
+            remove_for_overwrite(rundir.path, "run")  # only a gapkd run folder
+        dist.barrier()
+        if main:
+            _write_run_files(cfg, rundir, bundle, dist, device)
+            if distiller.teacher is not None:  # only rank 0 writes the summary that reports it
+                teacher_acc = _cached_teacher_accuracy(cfg, rundir, bundle, runtime)
+        result = fit(distiller, bundle, cfg, rundir.path, device, echo=echo, on_epoch=_chain(hooks), dist=dist, runtime=runtime)
+        summary = result.summary
+        if teacher_acc is not None:
+            summary.update(teacher_acc)
+            atomic_write_text(rundir.summary, json.dumps(summary, indent=2) + "\n")
     if dist.enabled:
         dist.barrier()
         summary = rundir.read_summary()  # every process returns rank 0's summary
@@ -71,14 +81,15 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
 
 
 def _finished_summary(cfg: RunConfig, rundir: RunDir, dist, overwrite: bool, echo: bool) -> dict | None:
-    """The summary of this run when it is already finished (after ``overwrite`` removed it, if asked)."""
-    if overwrite and rundir.path.exists() and dist.is_main:
-        shutil.rmtree(rundir.path)
-    dist.barrier()
-    summary = rundir.read_summary()
+    """The summary of this run when it is already finished (None with ``overwrite``)."""
+    summary = None if overwrite else rundir.read_summary()  # --overwrite empties the folder later, once data and teacher check out
     if summary is None:
         return None
     if summary.get("config_hash") == cfg.hparams_hash():
+        teacher_acc = read_json_or_none(rundir.teacher_acc)
+        if teacher_acc and not set(teacher_acc) <= set(summary) and dist.is_main:  # killed between fit's summary and run's
+            summary.update(teacher_acc)
+            atomic_write_text(rundir.summary, json.dumps(summary, indent=2) + "\n")
         if echo:
             print(f"{rundir} is already finished (pass --overwrite to run it again).")
         return summary
@@ -99,20 +110,21 @@ def _process_options(cfg: RunConfig) -> None:
 def _write_run_files(cfg: RunConfig, rundir: RunDir, bundle: DataBundle, dist, device: torch.device) -> None:
     """config.yaml (the resolved config) and env.json (versions, hardware, data sizes, processes)."""
     rundir.path.mkdir(parents=True, exist_ok=True)
-    rundir.config.write_text(cfg.to_yaml())
+    atomic_write_text(rundir.config, cfg.to_yaml())
     env = environment(device)
     env["data"] = {"train": bundle.train.num_samples, "val": bundle.val.num_samples if bundle.val else 0,
                    "test": bundle.test.num_samples, "classes": bundle.num_classes}
     env["distributed"] = {"world_size": dist.world_size, "backend": dist.backend}
-    rundir.env.write_text(json.dumps(env, indent=2) + "\n")
+    atomic_write_text(rundir.env, json.dumps(env, indent=2) + "\n")
 
 
 def _cached_teacher_accuracy(cfg: RunConfig, rundir: RunDir, bundle: DataBundle, runtime: Runtime) -> dict[str, float]:
     """The teacher's accuracy, measured once per run (teacher_acc.json), not again on every resume."""
-    if rundir.teacher_acc.exists():
-        return json.loads(rundir.teacher_acc.read_text())
+    cached = read_json_or_none(rundir.teacher_acc)  # None when absent, or torn by a version without atomic writes
+    if cached is not None:
+        return cached
     teacher_acc = _teacher_accuracy(cfg, bundle, runtime)
-    rundir.teacher_acc.write_text(json.dumps(teacher_acc) + "\n")
+    atomic_write_text(rundir.teacher_acc, json.dumps(teacher_acc) + "\n")
     return teacher_acc
 
 

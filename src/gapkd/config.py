@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from .core.errors import ConfigError, suggest
-from .core.plugins import import_plugins, plugin_list, with_command_line_plugins
+from .core.io import check_file
+from .core.plugins import check_file_plugins, import_plugins, plugin_list, with_command_line_plugins
 
 
 class _Strict(BaseModel):
@@ -477,8 +478,7 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.")
+    check_file(path, "config file", ConfigError, path / "config.yaml", "a run folder's config is")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -487,6 +487,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(loaded).__name__}.")
+    check_file_plugins(loaded, path)  # a file is not trusted to run code (docs/reliability.md)
     return loaded
 
 

@@ -5,11 +5,15 @@ import argparse
 
 
 def plugin_option(dest: str = "plugins") -> argparse.ArgumentParser:
-    """A parent parser with ``--plugin MODULE`` (repeatable): every command takes it, before or after its name."""
+    """A parent parser with ``--plugin MODULE`` (repeatable) and ``--trust-plugins``: every command takes them,
+    before or after its name."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--plugin", action="append", default=[], dest=dest, metavar="MODULE",
                         help="import a module (mypkg.kd) or .py file (./my_method.py) that registers methods, models or "
                              "datasets; repeatable; added to the config's `plugins` (docs/add-a-method.md)")
+    parent.add_argument("--trust-plugins", action="store_true", default=argparse.SUPPRESS,
+                        help="import the plugins that YAML files (recipes, study files, run folders' config.yaml) list: "
+                             "their Python code runs. Without it such a file is refused unless --plugin names each of them")
     return parent
 
 

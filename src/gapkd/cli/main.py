@@ -220,20 +220,59 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if int(os.environ.get("RANK", "0")) > 0:
             sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr from every rank
-    from ..core.plugins import command_line_plugins
+    from ..core.plugins import command_line_plugins, trust_plugins
+
+    if args.command in LONG_COMMANDS:
+        sys.stdout = _OutliveReader(sys.stdout)
 
     try:
-        with command_line_plugins([*args.global_plugins, *getattr(args, "plugins", [])]):
+        with command_line_plugins([*args.global_plugins, *getattr(args, "plugins", [])]), \
+                trust_plugins(getattr(args, "trust_plugins", False)):
             return COMMANDS[args.command](args)
     except GapkdError as error:
         print(f"gapkd {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `gapkd list models | head`
+    except BrokenPipeError:  # `gapkd list models | head`: the reader went away
         sys.stderr.close()
-        return 0
+        return 0 if args.command == "list" else 141  # a training command that could not report must not look successful
+    except OSError as error:  # the file system refused (read-only folder, full disk): the file and the fix, no traceback
+        from ..core.errors import os_error_message
+
+        print(f"gapkd {args.command}: error: {os_error_message(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint.", file=sys.stderr)
         return 130
+
+
+class _OutliveReader:
+    """stdout for commands that train: when its reader goes away (`gapkd distill ... | head -2`), the
+    rest of the output goes to /dev/null and the run goes on to its end, instead of stopping at the
+    next epoch line and exiting 0 as if it had finished."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered flushes into /dev/null, at exit too
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def _train(args) -> int:
@@ -384,6 +423,9 @@ def _teachers(args) -> int:
 
     return teachers_command(args)
 
+
+#: commands that train; they keep going when stdout's reader goes away (see _OutliveReader)
+LONG_COMMANDS = ("train", "distill", "pipeline", "aid", "quickstart", "study")
 
 COMMANDS = {"train": _train, "distill": _distill, "pipeline": _pipeline, "aid": _aid, "eval": _eval, "analyze": _analyze,
             "export": _export, "data": _data, "list": _list, "quickstart": _quickstart, "study": _study,

@@ -108,6 +108,8 @@ def study_command(args) -> int:
         print(f"  time left for one worker (mean wall time of finished runs x runs left): {status['eta']}")
     for item in status["unfinished"][:20]:
         extra = f"  ({item['worker']})" if item["state"] == "running" else f"  {item['error']}" if item["error"] else ""
+        if item["state"] == "stale":
+            extra = f"  (worker {item['worker']} is gone: killed or crashed; `gapkd study run` resumes it)"
         print(f"  {item['state']:<11} {item['run']}{extra}")
     if len(status["unfinished"]) > 20:
         print(f"  ... and {len(status['unfinished']) - 20} more")

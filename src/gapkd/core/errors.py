@@ -30,3 +30,16 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(name).lower(), [str(c).lower() for c in choices], n=3, cutoff=0.5)
     lookup = {str(c).lower(): str(c) for c in choices}
     return f" Did you mean {', '.join(repr(lookup[c]) for c in close)}?" if close else ""
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for a file-system refusal (read-only folder, no permission, full disk): the file and the fix."""
+    import errno
+
+    where = f" {error.filename}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing{where}; free some space and run the same command again (it resumes)."
+    if isinstance(error, PermissionError) or error.errno == errno.EROFS:
+        return (f"cannot write{where}: {error.strerror}. Make that folder writable, or write elsewhere "
+                "(out_dir=..., --out-dir, --dir, --out).")
+    return f"{error.strerror or error}:{where}."

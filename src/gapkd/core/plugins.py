@@ -8,6 +8,14 @@ Two ways in, both usable from the ``gapkd`` command and from YAML:
 - an installed package's ``[project.entry-points."gapkd.plugins"]``: imported the first time a
   registry lookup misses or a registry is listed, never by ``import gapkd``. One that fails to
   import is skipped with a :class:`PluginWarning` naming it.
+
+Importing a plugin runs its code, so a *file* (a YAML recipe, a study file, a run folder's
+config.yaml) is never a script in disguise: the plugins a file lists are imported only when the
+user opted in for this command, by naming the same plugin with ``--plugin`` or by passing
+``--trust-plugins`` (in Python: ``with gapkd.plugins.trust_plugins():``), and then with a
+:class:`PluginWarning` naming the file. Otherwise :func:`check_file_plugins` refuses the file
+before anything is imported. Plugins given in Python (a dict config) or on the command line
+(``--plugin``, ``plugins=[...]``) are the caller's own choice and are imported as given.
 """
 from __future__ import annotations
 
@@ -31,10 +39,13 @@ ENTRY_POINT_GROUP = "gapkd.plugins"
 _entry_points_loaded = False
 #: plugins given on the command line (``--plugin``): added to every config built while a command runs
 _command_line: ContextVar[tuple[str, ...]] = ContextVar("gapkd_command_line_plugins", default=())
+#: ``--trust-plugins``: the plugins files list may be imported during this command
+_trust_files: ContextVar[bool] = ContextVar("gapkd_trust_file_plugins", default=False)
 
 
 class PluginWarning(UserWarning):
-    """An installed plugin entry point that failed to import (gapkd goes on without it)."""
+    """An installed plugin entry point that failed to import (gapkd goes on without it), or a plugin a
+    file lists being imported (its code runs)."""
 
 
 def plugin_list(value: Any) -> list[str]:
@@ -98,6 +109,56 @@ def command_line_plugins(specs: Iterable[str]) -> Iterator[None]:
         yield
     finally:
         _command_line.reset(token)
+
+
+@contextmanager
+def trust_plugins(trust: bool = True) -> Iterator[None]:
+    """Inside the block, the plugins that files (recipes, study files, run folders' config.yaml) list
+    may be imported: ``--trust-plugins``. Each is still named in a :class:`PluginWarning`."""
+    token = _trust_files.set(trust)
+    try:
+        yield
+    finally:
+        _trust_files.reset(token)
+
+
+def file_plugins(tree: Any) -> list[str]:
+    """Every plugin a file's tree lists, at any depth (a recipe's ``plugins``, a study's ``base.plugins``, ...)."""
+    found: list[str] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "plugins" and (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                found += plugin_list(value)
+            else:
+                found += file_plugins(value)
+    elif isinstance(tree, list):
+        for item in tree:
+            found += file_plugins(item)
+    return list(dict.fromkeys(found))
+
+
+def check_file_plugins(tree: Any, source: str | Path) -> None:
+    """Refuse a file that lists plugins the user did not opt in to (importing one runs its code); warn,
+    naming the file, about each one that will be imported."""
+    specs = file_plugins(tree)
+    if not specs:
+        return
+    given = {_identity(spec) for spec in _command_line.get()}
+    untrusted = [spec for spec in specs if _identity(spec) not in given]
+    if untrusted and not _trust_files.get():
+        options = " ".join(f"--plugin {spec}" for spec in untrusted)
+        raise ConfigError(
+            f"{source} lists plugins {untrusted}: importing them runs their Python code, and a file is not trusted to do "
+            f"that. If you trust this file, add {options} (or --trust-plugins) to the command; in Python, call it inside "
+            "`with gapkd.plugins.trust_plugins():`."
+        )
+    for spec in specs:
+        warnings.warn(f"gapkd: importing the plugin {spec} that {source} lists (its Python code runs)", PluginWarning, stacklevel=2)
+
+
+def _identity(spec: str) -> str:
+    """One name per plugin, whatever the path spelling (a relative and an absolute path to one file agree)."""
+    return module_name_for(spec) if _is_path(spec) else spec
 
 
 def with_command_line_plugins(specs: list[str]) -> list[str]:

@@ -17,12 +17,34 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .io import safe_load
 
 #: the ``format`` key of a model payload
 MODEL_FORMAT = "gapkd-model"
 MODEL_FORMAT_VERSION = 1
+
+
+def check_run_name(name: str | None) -> None:
+    """A run's name is one folder name inside out_dir: not empty, not . or .., no path separator."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or "\\" in name or os.sep in name:
+        raise ConfigError(f"name={name!r} must be one folder name inside out_dir (no '/', not '.' or '..'); "
+                          "put the parent folder in out_dir=... instead.")
+
+
+def read_json_or_none(path: str | os.PathLike) -> dict | None:
+    """A JSON file gapkd wrote, or None when it is absent or torn (written by a version without atomic writes and
+    killed mid-write): the caller then recomputes it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class RunDir:
@@ -38,6 +60,7 @@ class RunDir:
     @classmethod
     def for_config(cls, cfg) -> "RunDir":
         """Where a run writes: ``out_dir/name`` (the name defaults to one derived from the config and its hash)."""
+        check_run_name(cfg.name)
         return cls(Path(cfg.out_dir) / (cfg.name or cfg.default_name()))
 
     @property
@@ -101,7 +124,7 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json of a finished run, or None while it is not finished."""
-        return json.loads(self.summary.read_text()) if self.summary.is_file() else None
+        return read_json_or_none(self.summary)  # a summary torn by a version without atomic writes: not finished
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)

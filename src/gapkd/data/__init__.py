@@ -139,6 +139,22 @@ def split_data(data: ImageData, cfg, seed: int) -> tuple[Split, Split, Split]:
     return train, val, test
 
 
+def check_trainable(bundle: "DataBundle", cfg) -> None:
+    """Refuse the splits a run would train on silently wrong: no validation split where one was asked
+    for (nothing to select on; test accuracy would stand in for it), or a single class to learn."""
+    train, num_classes = bundle.data.train, bundle.num_classes
+    if cfg.val_fraction > 0 and bundle.val is None:  # else the run would select on nothing and log test accuracy as val
+        raise DataError(
+            f"data.val_fraction={cfg.val_fraction:g} leaves no validation image"
+            + (f" of data.train_subset={cfg.train_subset}" if cfg.train_subset is not None else "")
+            + f" ({num_classes} classes, each rounded down to none); raise data.train_subset or data.val_fraction, "
+            "or set data.val_fraction=0 to train without a validation split (the last epoch is reported)."
+        )
+    if len(torch.unique(train.labels)) < 2:
+        raise DataError(f"the training split holds a single class ({len(train)} images); a classifier needs at least two: "
+                        "raise data.train_subset or check the data.")
+
+
 def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False, data: ImageData | None = None) -> DataBundle:
     data = data if data is not None else load_dataset(cfg)
     train, val, test = split_data(data, cfg, seed)
@@ -170,5 +186,5 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
 __all__ = [
     "DATASETS", "ImageData", "Split", "Batch", "DeviceLoader", "Normalizer", "DataBundle",
     "FileSplit", "FolderData", "StreamingLoader", "STREAMING_DATASETS", "is_streaming",
-    "load_dataset", "build_data", "split_data", "resolve_data_root", "cache_dir", "stratified_holdout",
+    "load_dataset", "build_data", "split_data", "check_trainable", "resolve_data_root", "cache_dir", "stratified_holdout",
 ]

@@ -272,8 +272,35 @@ def _iter_tree(path: Path) -> Iterable[tuple[str, bytes]]:
             for member in tar:
                 if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
                     yield member.name.lstrip("./"), tar.extractfile(member).read()
+            _check_tar_end(tar, path)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise DataError(f"{path} is not a readable tarball ({error}); download or pack it again.") from None
+
+
+def _check_tar_end(tar: tarfile.TarFile, path: Path) -> None:
+    """A tar archive ends with zero blocks; Python's tarfile reads one cut at a member boundary as
+    complete (whole classes silently missing), so the end marker is checked."""
+    tar.fileobj.seek(tar.offset)
+    tail = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(tail) < tarfile.BLOCKSIZE or tail.strip(b"\0"):
+        raise DataError(f"{path} is truncated: it stops after {len(tar.getmembers())} members without the end-of-archive "
+                        "marker (an interrupted copy or download); copy or pack it again.")
+
+
+def tree_fingerprint(path: Path) -> str:
+    """What the decoded cache of a folder or tarball is keyed on: for a tarball its path, size and mtime; for a
+    folder every file's relative path, size and mtime (a stat each, no reads), so adding, removing or
+    replacing any image makes a new cache."""
+    stat = path.stat()
+    parts = [f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"]
+    if path.is_dir():
+        for folder, dirs, files in os.walk(path):
+            dirs.sort()
+            for file in sorted(files):
+                full = os.path.join(folder, file)
+                info = os.stat(full)
+                parts.append(f"{os.path.relpath(full, path)}|{info.st_size}|{info.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def read_image_tree(path: Path, name: str, sha256: str | None = None, train_split: str = "train", test_split: str = "test") -> ImageData:
@@ -281,9 +308,7 @@ def read_image_tree(path: Path, name: str, sha256: str | None = None, train_spli
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{name}: {path} does not exist. Pass the folder or tarball with data.path=... .")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = cache_dir() / "decoded" / f"{name}-{key}"
+    cache = cache_dir() / "decoded" / f"{name}-{tree_fingerprint(path)}"
     if (cache / "done").is_file():
         return _load_cached_tree(cache, name)
     if sha256 is not None and path.is_file():
@@ -319,6 +344,9 @@ def read_image_tree(path: Path, name: str, sha256: str | None = None, train_spli
         if wanted not in splits:
             raise DataError(f"{path}: no '{wanted}/' split found (found {sorted(splits) or 'no images'}); lay it out as split/class/file.")
     classes = sorted(set(splits[train_split][1]))
+    if len(classes) < 2:
+        raise DataError(f"{path}: {train_split}/ holds one class folder ({classes[0]!r}); a classifier needs at least two "
+                        f"(put each class's images in {train_split}/<class>/).")
     unknown = sorted(set(splits[test_split][1]) - set(classes))
     if unknown:
         raise DataError(f"{path}: test classes {unknown} do not appear in train; both splits need the same class folders.")

@@ -46,7 +46,11 @@ class MetricsLog:
                     continue  # a line torn by a crash
                 if record.get("epoch", 0) <= keep_epochs:
                     lines.append(line)
-        path.write_text("".join(line + "\n" for line in lines))
+        text = "".join(line + "\n" for line in lines)
+        if not path.exists() or path.read_text() != text:
+            from ..core.io import atomic_write_text
+
+            atomic_write_text(path, text)  # a kill here keeps the old file whole, never a cut one
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as out:

@@ -11,6 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..core.errors import ConfigError
+from .precision import CpuConvGuard
 
 
 @functools.cache
@@ -28,7 +29,12 @@ def resolve_device(name: str) -> torch.device:
     """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a torch device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name} is not a device torch knows; use auto, cpu, cuda or cuda:N.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device={name}: gapkd trains on cpu or cuda; use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available; use train.device=cpu (or auto).")
     return device
@@ -60,7 +66,15 @@ def autocast_context(device: torch.device, amp: str):
     if amp == "off":
         return contextlib.nullcontext, None
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    if device.type == "cpu":  # with the convolutions CPU autocast gets wrong kept in fp32 (see .precision)
+        return (lambda: _cpu_autocast(dtype)), dtype
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+@contextlib.contextmanager
+def _cpu_autocast(dtype):
+    with torch.autocast("cpu", dtype=dtype), CpuConvGuard():
+        yield
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ..core.errors import GapkdError, NonFiniteLossError
 from ..core.io import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from ..core.rundir import RunDir
 from ..core.rundir import model_payload as deployable_payload
+from ..core.runguard import diverged_tensor
 from ..methods.base import Distiller, StepInfo
 from .clipping import clip_gradients
 from .optim import build_optimizer, build_scheduler
@@ -206,6 +207,18 @@ def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
         sums = {name: value / dist.world_size for name, value in zip(sums, reduced)}
         correct, seen = reduced[-2], int(reduced[-1])
         distributed.sync_buffers(loop.distiller, dist)
+    if done_steps == 0:  # train.nonfinite=skip skipped them all: nothing was trained, which is no success
+        raise NonFiniteLossError(
+            f"every step of epoch {epoch + 1} ({loop.steps_per_epoch}) was NaN/Inf and skipped (train.nonfinite=skip): nothing "
+            "trained. Check the teacher checkpoint and the data; lower optim.lr or set train.grad_clip."
+        )
+    diverged = diverged_tensor(loop.distiller.trainable_state_dict())  # finite losses do not prove finite weights
+    if diverged is not None:
+        kept = f"the last good checkpoint {loop.run.state} is kept" if loop.run.state.exists() else "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"the run diverged in epoch {epoch + 1}: {diverged} (weights and BatchNorm statistics are checked before "
+            f"every checkpoint); nothing of this epoch was saved and {kept}. Lower optim.lr or set train.grad_clip."
+        )
     losses = {name: float(value) / max(done_steps, 1) for name, value in sums.items()}
     grad_means = (grad_sums / max(done_steps, 1)).tolist()
     grad_stats = {
@@ -215,7 +228,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> _EpochStats:
     if not loop.check_every_step:
         bad = _nonfinite_term({k: torch.tensor(v) for k, v in losses.items()}, None)
         if bad is not None:
-            raise NonFiniteLossError(_nonfinite_message(bad, epoch, None, loop.run.state))
+            raise NonFiniteLossError(_nonfinite_message(bad, epoch, None, loop.run.state, loop.runtime.amp_dtype, cfg.train.amp))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -244,7 +257,7 @@ def _train_step(loop: _Loop, epoch: int, step: int, batch):
         if distributed.any_process(bad is not None, loop.dist, loop.runtime.device):  # every process takes the same branch
             bad = bad or "a loss term on another process"
             if cfg.train.nonfinite == "stop":
-                raise NonFiniteLossError(_nonfinite_message(bad, epoch, step, loop.run.state))
+                raise NonFiniteLossError(_nonfinite_message(bad, epoch, step, loop.run.state, loop.runtime.amp_dtype, cfg.train.amp))
             loop.skipped += 1
             optimizer.zero_grad(set_to_none=True)
             scaler.update()
@@ -298,7 +311,7 @@ def _save_epoch(loop: _Loop, epoch: int, record: dict, val: dict, val_acc: Optio
     heads = "  ".join(f"{k} {v:.2f}" for k, v in val.items() if k != "student")
     loop.log(
         f"epoch {epoch + 1}/{loop.epochs}  loss {record['train_loss']:.4f}  train {record['train_acc']:.2f}  "
-        f"val {val_acc if val_acc is not None else float('nan'):.2f}  test {record['test_acc']:.2f}"
+        + (f"val {val_acc:.2f}" if loop.has_val else "val -") + f"  test {record['test_acc']:.2f}"
         + (f"  [{heads}]" if heads else "") + f"  {record['epoch_seconds']:.1f}s"
     )
     if main and ((epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == loop.epochs):
@@ -359,10 +372,15 @@ def _nonfinite_term(losses: dict[str, torch.Tensor], grad_norm) -> str | None:
     return None
 
 
-def _nonfinite_message(term: str, epoch: int, step: int | None, state_path: Path) -> str:
+def _nonfinite_message(term: str, epoch: int, step: int | None, state_path: Path, amp_dtype=None, amp: str = "off") -> str:
     where = f"step {step} (epoch {epoch + 1})" if step is not None else f"epoch {epoch + 1}"
     kept = f"the last good checkpoint {state_path} is kept" if state_path.exists() else "no checkpoint had been written yet"
+    precision = ""
+    if amp_dtype is not None:  # reduced precision is a suspect as much as the learning rate
+        name = "bf16" if amp_dtype is torch.bfloat16 else "fp16"
+        precision = (f" The step ran under {name} autocast (train.amp={amp}): if the same command with train.amp=off "
+                     "trains, the cause is the reduced precision, not the learning rate.")
     return (
         f"{term} became NaN/Inf at {where}; {kept}. Lower optim.lr, set train.grad_clip, check the data, "
-        "or set train.nonfinite=skip to skip such steps."
+        f"or set train.nonfinite=skip to skip such steps.{precision}"
     )

@@ -13,6 +13,7 @@ from torch import nn
 from ..core.errors import CheckpointError, ConfigError
 from ..core.io import safe_load
 from ..core.rundir import is_model_payload
+from ..core.runguard import diverged_tensor
 from ..models import create_model, extract_state_dict, load_state_dict_strict
 from ..teachers.catalogue import parse_reference
 from ..teachers.manifest import checkpoint_path
@@ -55,11 +56,18 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, num_classes: int, in_ch
     if role == "teacher":
         fix = (f"a teacher must be trained for {dataset}: train one first, starting from this file (gapkd train -c <the "
                f"teacher's recipe> student.name={name} student.checkpoint={checkpoint} student.init_head=reset).")
-    else:
+    elif role == "student":
         fix = f"set {role}.init_head=reset to start from its other weights with a fresh {num_classes}-class classifier."
+    else:  # a checkpoint evaluated or analysed as it is: a fresh classifier would score chance, and eval takes no init_head
+        fix = ("evaluate it on the dataset it was trained for (data.name=...), or train a model for "
+               f"{dataset} starting from it (gapkd train ... student.checkpoint=FILE student.init_head=reset).")
     if ours:
         model = _checked_deployable(model, payload, name, role, source, fix, num_classes, dataset, reset_head)
     load_state_dict_strict(model, extract_state_dict(payload), source=source, reset_head=reset_head, head_hint=fix[0].upper() + fix[1:])
+    bad = diverged_tensor(model.state_dict())
+    if bad is not None:  # else a distillation from it fails on NaN losses, blamed on the learning rate
+        raise CheckpointError(f"{source}: {bad}; it was saved by a run that diverged. Use a checkpoint of a run that "
+                              "trained (its best.pt), or train it again with a lower optim.lr or train.grad_clip.")
     return model, name
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +16,7 @@ from ..config import RunConfig, _format_errors, build_config, lift_run_section, 
 from ..core.errors import ConfigError
 from ..core.io import atomic_write_text
 from ..core.rundir import RunDir
+from ..core.runguard import remove_for_overwrite
 
 SUMMARY_FILE = "pipeline.json"
 
@@ -73,8 +73,8 @@ def run_stage(cfg: RunConfig, *, echo: bool = True, on_epoch=None) -> dict:
 
 
 def start(pipeline_dir: Path, overwrite: bool) -> None:
-    if overwrite and pipeline_dir.exists():
-        shutil.rmtree(pipeline_dir)
+    if overwrite:
+        remove_for_overwrite(pipeline_dir, "pipeline")  # only a gapkd pipeline folder of run folders
     pipeline_dir.mkdir(parents=True, exist_ok=True)
 
 

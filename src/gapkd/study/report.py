@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.errors import GapkdError
 from ..core.rundir import RunDir
 from ..engine.runlog import read_metrics
 from .runner import DB_FILE, StudyRunner
@@ -209,6 +210,7 @@ def _dotted(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
 def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overrides: Optional[dict] = None,
                  out_dir: str | Path | None = None) -> dict[str, Any]:
     """Collect the study's results and write report.md, report.html and the plots; returns their paths."""
+    _require_study_extras()
     runner = StudyRunner(spec, study_dir, overrides=overrides, echo=False)
     out = Path(out_dir) if out_dir else runner.study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +374,21 @@ def _trend_blocks(summary: Summary, spec: StudySpec) -> list[tuple]:
 
 
 # ------------------------------------------------------------------ plots
+def _require_study_extras() -> None:
+    """The report draws plots (matplotlib) and runs Welch t-tests (SciPy): say so before anything is read."""
+    import importlib
+
+    missing = []
+    for name in ("matplotlib", "scipy.stats"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name.split(".")[0])
+    if missing:
+        raise GapkdError(f"the study report needs {' and '.join(missing)} (plots and Welch t-tests), which "
+                         'is not installed: pip install "gapkd[study]".')
+
+
 def _pyplot():
     import matplotlib
 

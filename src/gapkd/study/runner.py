@@ -31,7 +31,7 @@ from ..core.errors import ConfigError, GapkdError
 from ..core.rundir import RunDir, is_model_payload
 from ..core.version import __version__
 from .spec import PlannedRun, StudySpec, _pipeline, expand, shard
-from .store import ResultStore, worker_id
+from .store import ResultStore, worker_alive, worker_id
 
 Phase = Literal["all", "teachers", "students"]
 DB_FILE = "results.sqlite"
@@ -400,6 +400,8 @@ def study_status(spec: StudySpec, study_dir: str | Path | None = None, *, overri
     for run in runner.plan:
         row = rows.get(run.key, {})
         state = "done" if runner.finished(run) else row.get("status") or "pending"
+        if state == "running" and worker_alive(row.get("worker")) is False:
+            state = "stale"  # its worker was killed: nobody runs it; the next `gapkd study run` resumes it
         counts[run.role][state] = counts[run.role].get(state, 0) + 1
         if state == "done" and row.get("wall_seconds"):
             walls[run.role].append(row["wall_seconds"])

@@ -39,6 +39,20 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def worker_alive(worker: Optional[str]) -> Optional[bool]:
+    """Whether the worker ``host:pid`` still runs: known only on its own host (None elsewhere)."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 class ResultStore:
     """One connection per worker (and per thread): open it where it is used."""
 
@@ -47,11 +61,24 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
         self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
-        self._retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
-        columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
-        with self._transaction():
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns}, PRIMARY KEY (study, config_hash))")
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+            self._retry_while_locked(lambda: self._db.execute("PRAGMA journal_mode = WAL"))
+            columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
+            with self._transaction():
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS runs ({columns}, PRIMARY KEY (study, config_hash))")
+            self._db.execute("SELECT count(*) FROM runs").fetchone()
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+                raise
+            self._db.close()
+            from ..core.errors import GapkdError  # here: this module also runs alone (stdlib only), as tests' writer processes
+
+            raise GapkdError(
+                f"the study database {self.path} is damaged ({error}). Move it aside (mv {self.path} {self.path}.broken) "
+                "and run the command again: a new one is made, `gapkd study run` skips the finished runs, and "
+                "`gapkd study report` rebuilds their rows from each run folder's summary.json."
+            ) from None
 
     @staticmethod
     def _retry_while_locked(statement) -> None:
