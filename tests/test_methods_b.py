@@ -19,6 +19,7 @@ from gapkd.errors import ConfigError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.methods.reviewkd import hierarchical_context_loss
 from gapkd.models import MODELS, Features, StagedNet, create_model
+from gapkd.testing import run_killed_then_resumed
 
 STEP = StepInfo(epoch=0, step=0, epochs=1, steps_per_epoch=1)
 REPO = Path(__file__).resolve().parents[1]
@@ -417,20 +418,7 @@ def test_crd_end_to_end_and_resume_is_exact(tiny_overrides, digits_teacher, monk
     assert summary["best_val_acc"] > 30
 
     interrupted = build_config(straight.model_dump(), overrides=["name=crd-interrupted"])
-    import gapkd.engine.trainer as trainer
-
-    real_save = trainer.atomic_save
-
-    def crash_after_first_state(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer, "atomic_save", crash_after_first_state)
-    with pytest.raises(KeyboardInterrupt):
-        run(interrupted, echo=False)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
-    run(interrupted, echo=False)
+    run_killed_then_resumed(interrupted, monkeypatch)
     a = safe_load(run_dir_for(straight) / "checkpoints" / "state.pt")["model"]
     b = safe_load(run_dir_for(interrupted) / "checkpoints" / "state.pt")["model"]
     assert {"memory_student", "memory_teacher", "normalizers"} <= set(a)

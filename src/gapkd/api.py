@@ -16,6 +16,7 @@ from .engine.checkpoint import safe_load
 from .engine.runlog import environment, tensorboard_writer_class
 from .engine.trainer import autocast_context, fit, resolve_channels_last
 from .engine.trainer import evaluate as evaluate_heads  # `evaluate` below is the public checkpoint evaluation
+from . import teacher_cache
 from .errors import CheckpointError, ConfigError
 from .methods import METHODS, Distiller, TaskInfo
 from .models import create_model, extract_state_dict, load_state_dict_strict
@@ -135,6 +136,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     if dist.enabled:
         distributed.check_supported(distiller)  # before anything is written
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
+    # data.views > 0: the teacher's logits on every fixed view, computed once and shared (gapkd.teacher_cache)
+    cache_info, cache = teacher_cache.attach(cfg, bundle, distiller, device, amp_ctx, log=print if echo else _quiet, dist=dist)
     hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, amp_ctx)) if h is not None] if main else []
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,17 +152,21 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         if cached.exists():
             teacher_acc = json.loads(cached.read_text())
         else:
-            teacher_acc = _teacher_accuracy(cfg, bundle, device, amp_ctx)
+            teacher_acc = teacher_cache.cached_accuracy(cache, bundle) if cache else _teacher_accuracy(cfg, bundle, device, amp_ctx)
             cached.write_text(json.dumps(teacher_acc) + "\n")
     result = fit(distiller, bundle, cfg, run_dir, device, echo=echo, on_epoch=_chain(hooks), dist=dist)
     summary = result.summary
     if distiller.teacher is not None and main:
-        summary.update(teacher_acc)
+        summary.update(teacher_acc, **cache_info)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     if dist.enabled:
         dist.barrier()
         summary = json.loads(summary_path.read_text())  # every process returns rank 0's summary
     return summary
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _chain(hooks: list):

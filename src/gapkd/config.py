@@ -72,6 +72,29 @@ class DataConfig(_Strict):
         "0 decodes in the training process. Batches do not depend on it",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    views: int = Field(
+        0, ge=0, description="0 = fresh random augmentation every step; K > 0 = each training image has K augmentations fixed by "
+        "(data.view_seed, sample, view) and each epoch shows one of them (every view once per K epochs, in an order drawn from "
+        "the run's seed). With K > 0 the frozen teacher's logits on every view are computed once and cached "
+        "(data.teacher_cache), so logit methods skip the teacher's forward (docs/teacher-cache.md)",
+    )
+    view_seed: int = Field(0, description="seed of the K fixed views (shared by the runs of a study so they share one teacher cache)")
+    teacher_cache: bool = Field(
+        True, description="with data.views > 0: cache the teacher's logits on every view (and on val/test) under "
+        "data.teacher_cache_dir; off = recompute the teacher on the same views every step (same result)",
+    )
+    teacher_cache_dir: Optional[str] = Field(None, description="where teacher caches live; default $GAPKD_CACHE/teacher-logits")
+    teacher_cache_topk: Optional[int] = Field(
+        None, ge=1, description="keep only the top-k logits per view (FKD-style, for >= 1000 classes); the rest are filled so "
+        "that they share the remaining probability mass at temperature 1 (an approximation: docs/teacher-cache.md)",
+    )
+
+    @model_validator(mode="after")
+    def _cache_needs_views(self) -> "DataConfig":
+        if self.teacher_cache_topk is not None and self.views == 0:
+            raise ValueError("data.teacher_cache_topk applies to the teacher cache, which needs fixed views: set data.views=K "
+                             "(e.g. 8) or drop data.teacher_cache_topk")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -168,6 +191,13 @@ def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
     for role in ("student", "teacher"):
         if payload.get(role) is not None and payload[role].get("init_head") == "load":
             del payload[role]["init_head"]
+    data = payload.get("data", {})
+    # where the teacher cache lives and whether it is used do not change the result (the same views either way)
+    for key in ("teacher_cache", "teacher_cache_dir"):
+        data.pop(key, None)
+    for key, default in (("views", 0), ("view_seed", 0), ("teacher_cache_topk", None)):
+        if key in data and data[key] == default:
+            del data[key]
     return payload
 
 

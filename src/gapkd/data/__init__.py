@@ -13,7 +13,7 @@ from ..registry import Registry
 from .core import ImageData, Split, cache_dir, check_labels, resolve_data_root, stratified_holdout, subsample
 from .loader import Batch, DeviceLoader, Normalizer
 from .streaming import DEFAULT_IMAGE_SIZE, FileSplit, FolderData, StreamingLoader
-from . import sources, streaming
+from . import sources, streaming, views
 
 #: name -> reader(root: Path, config: DataConfig) -> ImageData
 DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")
@@ -155,9 +155,13 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
             split, batch, normalizer, device, train=train_mode, seed=seed,
             crop_padding=cfg.augment.crop_padding, flip=cfg.augment.flip, drop_last=cfg.drop_last and train_mode,
         )
+    if cfg.views > 0:  # fixed augmented views (gapkd.data.views)
+        make_train = views.fixed_view_loader(cfg, data, train, normalizer, device, seed, make)
+    else:
+        make_train = make(train, True, cfg.batch_size)
     return DataBundle(
         data=replace(data, train=train),
-        train=make(train, True, cfg.batch_size),
+        train=make_train,
         val=make(val, False, cfg.eval_batch_size) if len(val) else None,
         test=make(test, False, cfg.eval_batch_size),
     )

@@ -26,6 +26,8 @@ class Batch:
     # weight of this process's loss so that averaging gradients over processes gives the gradient of
     # the global batch's mean loss: (samples in this slice) * world_size / (samples in the global batch)
     weight: float = 1.0
+    views: Tensor | None = None  # with data.views=K: the fixed view (0..K-1) each sample shows (gapkd.data.views)
+    teacher_logits: Tensor | None = None  # the frozen teacher's cached logits on exactly these views (gapkd.teacher_cache)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -160,15 +162,22 @@ class DeviceLoader:
             size = min(self.batch_size, self.num_samples - start)
             mine = shard_slice(size, self.rank, self.world_size)
             rows = order[start:start + size][mine] if order is not None else slice(start + mine.start, start + mine.stop)
-            images = self.images[rows]
-            if self.train:  # drawn for the whole global batch, so that each slice gets its own part of them
-                if self.crop_padding > 0:
-                    dy, dx = crop_offsets(size, self.crop_padding, generator)
-                    images = crop(images, self.crop_padding, dy[mine], dx[mine])
-                if self.flip:
-                    images = flip_where(images, flip_draws(size, generator)[mine])
+            images = self.augment(self.images[rows], rows, size, mine, generator, epoch) if self.train else self.images[rows]
             weight = (mine.stop - mine.start) * self.world_size / size if self.world_size > 1 else 1.0
-            yield Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight)
+            yield self.annotate(Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight), rows, epoch)
+
+    def augment(self, images: Tensor, rows, size: int, mine: slice, generator: torch.Generator, epoch: int) -> Tensor:
+        """Random crop and flip, drawn for the whole global batch of ``size`` so that each slice gets its own part of them."""
+        if self.crop_padding > 0:
+            dy, dx = crop_offsets(size, self.crop_padding, generator)
+            images = crop(images, self.crop_padding, dy[mine], dx[mine])
+        if self.flip:
+            images = flip_where(images, flip_draws(size, generator)[mine])
+        return images
+
+    def annotate(self, batch: Batch, rows, epoch: int) -> Batch:
+        """What a subclass adds to a batch (the fixed views' ids and cached teacher logits: gapkd.data.views)."""
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

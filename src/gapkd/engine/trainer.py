@@ -162,7 +162,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", echo)
         for index, batch in enumerate(train_loader.epoch(epoch)):
             step = epoch * steps_per_epoch + index
-            info = StepInfo(epoch, step, epochs, steps_per_epoch, batch.indices)
+            info = StepInfo(epoch, step, epochs, steps_per_epoch, batch.indices, batch.views, batch.teacher_logits)
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with amp_ctx():
