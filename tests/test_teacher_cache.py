@@ -218,3 +218,57 @@ def test_methods_declare_what_they_need_from_the_teacher():
 def test_topk_needs_views():
     with pytest.raises(ConfigError, match="data.views"):
         build_config({"student": {"name": "resnet8"}, "data": {"teacher_cache_topk": 5}})
+
+
+@pytest.mark.parametrize("method", ["dfpt-kd", "dkd"])
+def test_other_cached_methods_end_bit_identical_with_and_without_the_cache(tiny_overrides, tmp_path, teacher_checkpoint, method):
+    overrides = kd_overrides(tiny_overrides, tmp_path, teacher_checkpoint)
+    overrides["method"] = {"name": method}
+    overrides["train"]["epochs"] = 1
+    cached = build_config(overrides, overrides=["name=cached"])
+    assert run(cached, echo=False)["teacher_cache"] == "built"
+    recomputed = build_config(overrides, overrides=["name=recomputed", "data.teacher_cache=false"])
+    run(recomputed, echo=False)
+    assert same_weights(weights(cached), weights(recomputed))
+
+
+def test_feature_methods_keep_running_the_teacher_and_list_shows_the_needs(tiny_overrides, tmp_path, teacher_checkpoint, capsys):
+    overrides = kd_overrides(tiny_overrides, tmp_path, teacher_checkpoint)
+    overrides["method"] = {"name": "at"}
+    overrides["train"]["epochs"] = 1
+    assert "teacher_cache" not in run(build_config(overrides), echo=False)
+    assert not (tmp_path / "tcache").exists()
+    from gapkd.cli import main
+
+    assert main(["list", "methods", "-v"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "teacher: logits" in lines["kd"] and "teacher: features " in lines["at"] and "teacher: none" in lines["ce"]
+    assert "teacher: features+cache" in lines["dfpt-kd"]
+
+
+def test_streamed_data_gets_fixed_views_and_a_cache_too(tiny_overrides, tmp_path):
+    from gapkd.testing import write_image
+
+    for c in range(3):
+        for i in range(6):
+            write_image(tmp_path / "tree" / "train" / f"c{c}" / f"{i}.jpg", 10 * c + i, quality=95)
+        write_image(tmp_path / "tree" / "val" / f"c{c}" / "0.jpg", 100 + c, quality=95)
+    data = {"name": "image-folder-stream", "path": str(tmp_path / "tree"), "image_size": 16, "batch_size": 4,
+            "eval_batch_size": 5, "val_fraction": 0.2, "workers": 0}
+    tiny_overrides["data"] = dict(data)
+    teacher = build_config(tiny_overrides, overrides=["name=teacher", "train.epochs=1"])
+    run(teacher, echo=False)
+    tiny_overrides["data"] = dict(data)
+    overrides = kd_overrides(tiny_overrides, tmp_path, str(run_dir_for(teacher) / "checkpoints" / "best.pt"), views=2)
+    cached = build_config(overrides, overrides=["name=cached"])
+    bundle = build_data(cached.data, torch.device("cpu"), seed=0)
+    seen = {}
+    for epoch in range(3):
+        for batch in bundle.train.epoch(epoch):
+            for image, sample, view in zip(batch.images, batch.indices.tolist(), batch.views.tolist()):
+                seen.setdefault((sample, view), []).append(image)
+    assert all(torch.equal(images[0], images[-1]) for images in seen.values()) and max(map(len, seen.values())) > 1
+    assert run(cached, echo=False)["teacher_cache"] == "built"
+    recomputed = build_config(overrides, overrides=["name=recomputed", "data.teacher_cache=false"])
+    run(recomputed, echo=False)
+    assert same_weights(weights(cached), weights(recomputed))
