@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
@@ -272,3 +273,32 @@ def test_streamed_data_gets_fixed_views_and_a_cache_too(tiny_overrides, tmp_path
     recomputed = build_config(overrides, overrides=["name=recomputed", "data.teacher_cache=false"])
     run(recomputed, echo=False)
     assert same_weights(weights(cached), weights(recomputed))
+
+
+def test_study_runs_sharing_a_teacher_share_its_cache_and_status_counts_the_hits(tmp_path, capsys):
+    import copy
+
+    from gapkd.study import resolve_study, run_study, study_status
+
+    raw = {
+        "name": "cached",
+        "base": {"data": {"name": "digits", "train_subset": 120, "test_subset": 60, "batch_size": 32,
+                          "augment": {"crop_padding": 1, "flip": False}},
+                 "train": {"device": "cpu", "log_every": 1000, "amp": "off"}, "schedule": {"name": "cosine"}},
+        "teacher_config": {"train": {"epochs": 1}},
+        "student_config": {"train": {"epochs": 1}, "data": {"views": 2, "teacher_cache_dir": str(tmp_path / "tcache")}},
+        "pairs": [{"teacher": "resnet14", "student": "resnet8"}],
+        "methods": {"scratch": {"name": "ce"}, "kd": {}, "dkd": {"params": {"warmup_epochs": 1}}},
+        "seeds": [0, 1],
+        "budgets": {"smoke": {"note": "digits, 1 epoch"}},
+    }
+    spec = resolve_study(copy.deepcopy(raw), "smoke")
+    run_study(copy.deepcopy(spec), tmp_path / "study", echo=False, log=lambda line: None)
+    status = study_status(spec, tmp_path / "study")
+    assert status["done"] == 7 and status["teacher_cache"] == {"built": 1, "hit": 3}
+    assert len(list((tmp_path / "tcache").iterdir())) == 1
+    from gapkd.cli import main
+
+    (tmp_path / "cached.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["study", "status", str(tmp_path / "cached.yaml"), "--budget", "smoke", "--dir", str(tmp_path / "study")]) == 0
+    assert "teacher cache: 1 built, 3 hit" in capsys.readouterr().out
