@@ -91,8 +91,11 @@ def test_kd_with_the_cache_ends_bit_identical_to_recomputing_the_teacher_on_the_
     summary = run(cached, echo=False)
     assert summary["teacher_cache"] == "built"
     recomputed = build_config(overrides, overrides=["name=recomputed", "data.teacher_cache=false"])
-    assert run(recomputed, echo=False)["teacher_cache"] == "off"
+    other = run(recomputed, echo=False)
+    assert other["teacher_cache"] == "off"
     assert same_weights(weights(cached), weights(recomputed))
+    # the teacher's reported accuracy comes from its cached val/test logits: the same as measured by its forward
+    assert (summary["teacher_val_acc"], summary["teacher_test_acc"]) == (other["teacher_val_acc"], other["teacher_test_acc"])
     fresh = build_config(overrides, overrides=["name=fresh", "data.views=0"])
     run(fresh, echo=False)
     assert not same_weights(weights(cached), weights(fresh))  # the views do change training
@@ -302,3 +305,15 @@ def test_study_runs_sharing_a_teacher_share_its_cache_and_status_counts_the_hits
     (tmp_path / "cached.yaml").write_text(yaml.safe_dump(raw))
     assert main(["study", "status", str(tmp_path / "cached.yaml"), "--budget", "smoke", "--dir", str(tmp_path / "study")]) == 0
     assert "teacher cache: 1 built, 3 hit" in capsys.readouterr().out
+
+
+def test_a_topk_cache_trains_from_the_rebuilt_logits(tiny_overrides, tmp_path, teacher_checkpoint):
+    overrides = kd_overrides(tiny_overrides, tmp_path, teacher_checkpoint, teacher_cache_topk=3)
+    overrides["train"]["epochs"] = 1
+    summary = run(build_config(overrides, overrides=["name=topk"]), echo=False)
+    assert summary["teacher_cache"] == "built" and summary["best_val_acc"] > 0
+    folder = _only_cache(tmp_path)
+    assert {p.stem for p in folder.glob("*.npy")} == {"train_values", "train_index", "train_fill", "val", "test"}
+    assert np.load(folder / "train_values.npy").shape[1:] == (4, 3)
+    with pytest.raises(Exception, match="keeps all 10 classes"):
+        run(build_config(overrides, overrides=["name=all", "data.teacher_cache_topk=10"]), echo=False)

@@ -114,8 +114,14 @@ class LogitTable:
         rows, views = (self.full if self.full is not None else self.fill).shape[:2]
         return rows, views, self.num_classes
 
+    def to(self, device: torch.device) -> "LogitTable":
+        """A copy on ``device`` (a GPU gathers its batches there, without a host round trip per step)."""
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        return LogitTable(move(self.full), move(self.values), move(self.index), move(self.fill), self.num_classes, self.dtype)
+
     def lookup(self, rows: Tensor, views: Tensor, device: torch.device) -> Tensor:
-        rows, views = rows.cpu(), views.cpu()
+        home = (self.full if self.full is not None else self.fill).device
+        rows, views = rows.to(home), views.to(home)
         if self.full is not None:
             logits = self.full[rows, views]
         else:
@@ -335,8 +341,19 @@ def attach(cfg, bundle, distiller, device: torch.device, amp_ctx, log: Callable[
     if cache.train.shape[:2] != (bundle.train.num_samples, cfg.data.views):
         raise ValueError(f"teacher cache {cache.folder} holds {cache.train.shape[:2]} (rows, views), not "
                          f"{(bundle.train.num_samples, cfg.data.views)}")
-    bundle.train.teacher_logits = cache.train
+    table = cache.train
+    if device.type != "cpu" and _nbytes(table) <= DEVICE_TABLE_BYTES:
+        table = table.to(device)
+    bundle.train.teacher_logits = table
     return {"teacher_cache": status, "teacher_cache_dir": str(cache.folder)}, cache
+
+
+#: a table up to this size is copied to an accelerator; a larger one stays memory-mapped in host memory
+DEVICE_TABLE_BYTES = 4 << 30
+
+
+def _nbytes(table: LogitTable) -> int:
+    return sum(t.numel() * t.element_size() for t in (table.full, table.values, table.index, table.fill) if t is not None)
 
 
 def cached_accuracy(cache: TeacherCache, bundle) -> dict[str, float]:
@@ -346,5 +363,5 @@ def cached_accuracy(cache: TeacherCache, bundle) -> dict[str, float]:
         if loader is None or logits is None:
             continue
         labels = loader.labels if hasattr(loader, "labels") else loader.split.labels
-        out[f"teacher_{name}_acc"] = 100.0 * float((logits.argmax(1) == labels.cpu()).float().mean())
+        out[f"teacher_{name}_acc"] = 100.0 * float((logits.argmax(1) == labels.cpu()).sum()) / max(len(labels), 1)
     return out
