@@ -59,7 +59,7 @@ def _timed_run(cfg, data) -> tuple[float, dict]:
 
 def e2e(args, workdir: Path) -> dict:
     """Wall clock of whole runs (data already decoded in memory, shared by every run, as a study worker does)."""
-    data = benchmark_data(args.images)
+    data = benchmark_data(args.images, real=args.data == "auto")
     teacher, student = args.pair.split(":")
     common = [f"train.epochs={args.epochs}", "data.val_fraction=0.1", "schedule.name=cosine", "optim.lr=0.05", *args.extra]
 
@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--study-seeds", type=int, default=5)
     parser.add_argument("--parts", nargs="+", choices=["single", "study"], default=["single", "study"], help="e2e: what to time")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", choices=["auto", "random"], default="auto",
+                        help="auto: the CIFAR-10 JPEG copy when present, else random images; random: random images (tests)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("extra", nargs="*", help="config overrides for every run (train.amp=off, ...)")
     args = parser.parse_intermixed_args()
