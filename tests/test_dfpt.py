@@ -91,6 +91,61 @@ def test_each_loss_term_matches_a_hand_computation():
     assert off["prompt_student"].item() == 0.0 and off["prompt_teacher"].item() == 0.0
 
 
+def test_kl_terms_without_tau_squared_are_the_scaled_ones_over_tau_squared():
+    z_s, z_p, z_t = torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5)
+    labels = torch.tensor([0, 1, 2, 3])
+    scaled = dfpt_losses(z_s, z_p, z_t, labels, DFPTHparams(temperature=3.0))
+    unscaled = dfpt_losses(z_s, z_p, z_t, labels, DFPTHparams(temperature=3.0, kl_tau2=False))
+    for name in LOSS_NAMES:
+        factor = 1.0 if name.endswith("_ce") else 1.0 / 9.0
+        assert unscaled[name].item() == pytest.approx(factor * scaled[name].item(), rel=1e-6), name
+    # the seed blog's weights, spelled with the options: student 0.5 CE + 0.5 KLs, prompt 0.7 CE + 0.3 KLs, no tau^2
+    blog = DFPTHparams(kl_tau2=False, student_ce_weight=0.5, student_teacher_weight=0.5, student_prompt_weight=0.5,
+                       prompt_ce_weight=0.7, prompt_teacher_weight=0.3, prompt_student_weight=0.3)
+    got = dfpt_losses(z_s, z_p, z_t, labels, blog)
+    plain_kl = lambda target, logits: torch.nn.functional.kl_div(  # noqa: E731  (tau = 4, no tau^2)
+        torch.log_softmax(logits / 4, 1), torch.log_softmax(target / 4, 1), reduction="batchmean", log_target=True)
+    assert got["prompt_student"].item() == pytest.approx(0.3 * plain_kl(z_s, z_p).item(), rel=1e-5)
+    assert got["student_teacher"].item() == pytest.approx(0.5 * plain_kl(z_t, z_s).item(), rel=1e-5)
+
+
+def test_gate_fusion_is_the_blog_gate_starting_at_one():
+    from gapkd.methods.dfpt import GateFusion
+
+    gate = GateFusion(4)
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(gate(x), x)  # the gate starts at 1
+    with torch.no_grad():
+        gate.out.bias.fill_(-1.0)
+    expected = x * 2 * torch.sigmoid(gate.out(gate.inner(x)))
+    torch.testing.assert_close(gate(x), expected)
+    d = _build(fusion="gate")
+    assert all(isinstance(f, GateFusion) for f in d.fusions.values()) and len(d.fusions) == 2  # every stage but the last
+
+
+def test_prompt_weight_decay_and_warm_up_apply_to_the_prompt_group_only():
+    from gapkd.config import ScheduleConfig
+    from gapkd.engine.optim import build_scheduler
+
+    d = _build(prompt_wd_mult=0.0, prompt_warmup_epochs=2.0)
+    groups = d.param_groups()
+    optimizer = build_optimizer(groups, OptimConfig(lr=0.1, weight_decay=5e-4))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+    scheduler = build_scheduler(optimizer, ScheduleConfig(name="constant"), 4, 10, 0.1, groups)
+    lrs = []
+    for _ in range(25):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert all(student == pytest.approx(0.1) for student, _ in lrs)
+    assert [prompt for _, prompt in lrs][:3] == pytest.approx([0.1 / 20, 0.2 / 20, 0.3 / 20])
+    assert lrs[19][1] == pytest.approx(0.1) and lrs[24][1] == pytest.approx(0.1)
+    resumed = build_scheduler(optimizer, ScheduleConfig(name="constant"), 4, 10, 0.1, groups)
+    resumed.load_state_dict(scheduler.state_dict())  # the warm-up survives a checkpoint round trip
+    default = build_optimizer(_build().param_groups(), OptimConfig(lr=0.1, weight_decay=5e-4))
+    assert [g["weight_decay"] for g in default.param_groups] == [5e-4, 5e-4]
+
+
 def test_forward_returns_the_losses_of_its_three_heads():
     d = _build(prompt_ce_weight=0.3, student_prompt_weight=0.6).eval()
     with torch.no_grad():
@@ -110,8 +165,9 @@ def test_forward_returns_the_losses_of_its_three_heads():
 @pytest.mark.parametrize("method", ["dfpt-kd", "dfpt-kd+"])
 @pytest.mark.parametrize("teacher", ["resnet14", "resnet8x4"])
 @pytest.mark.parametrize("insert_after", [None, (0, 1, 2), (1,), ()])
-def test_prompt_path_logits_equal_the_teachers_at_initialisation(method, teacher, insert_after):
-    d = _build(method, teacher, insert_after=insert_after).eval()
+@pytest.mark.parametrize("fusion", ["conv1x1", "gate"])
+def test_prompt_path_logits_equal_the_teachers_at_initialisation(method, teacher, insert_after, fusion):
+    d = _build(method, teacher, insert_after=insert_after, fusion=fusion).eval()
     images, _ = _batch()
     heads = d.eval_heads(images)
     reference = d.teacher(images)
@@ -359,6 +415,12 @@ def test_bad_hyperparameters_fail_with_clear_messages():
     base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet14", "checkpoint": "t.pt"}}
     with pytest.raises(ConfigError, match="r2"):
         build_config(base, overrides=["method.name=dfpt-kd", "method.r2=0"])
+    with pytest.raises(ConfigError, match="conv1x1.*gate"):
+        build_config(base, overrides=["method.name=dfpt-kd", "method.fusion=attention"])
+    with pytest.raises(ConfigError, match="copy.*random"):
+        build_config(base, overrides=["method.name=dfpt-kd", "method.head_init=new"])
+    with pytest.raises(ConfigError, match="prompt_wd_mult"):
+        build_config(base, overrides=["method.name=dfpt-kd", "method.prompt_wd_mult=-1"])
     with pytest.raises(ConfigError, match="backbone_lr_mult"):
         build_config(base, overrides=["method.name=dfpt-kd", "method.backbone_lr_mult=0.5"])  # DFPT-KD+ only
     cfg = build_config(base, overrides=["method.name=dfpt-kd+", "method.kernels=[3, 5]", "method.insert_after=[0]"])

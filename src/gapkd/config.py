@@ -138,7 +138,12 @@ class ScheduleConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(240, ge=1)
-    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm over ALL trained parameters")
+    grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm (of each parameter group, or of all "
+                                       "of them together: train.grad_clip_mode)")
+    grad_clip_mode: Literal["per_group", "global"] = Field(
+        "per_group", description="per_group: the student and each auxiliary network a method trains (prompt path, "
+        "projector, embedding) are clipped separately, so a large auxiliary gradient cannot shrink the student's update; "
+        "global: one norm over all trained parameters (the same for methods that train only the student)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), off elsewhere")
@@ -182,12 +187,13 @@ class TrainConfig(_Strict):
 
 def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
     """A RunConfig's JSON dump without the keys added after runs and studies existed, where they hold
-    their defaults (empty ``plugins``, ``compile_mode`` default, ``init_head`` load): hashed only when
+    their defaults (empty ``plugins``, ``compile_mode`` default, ``grad_clip_mode`` per_group, ``init_head`` load): hashed only when
     set, so configs that do not set them keep their run hashes and study run keys (and resume)."""
     if not payload.get("plugins"):
         payload.pop("plugins", None)
-    if payload.get("train", {}).get("compile_mode") == "default":
-        del payload["train"]["compile_mode"]
+    for key, default in (("compile_mode", "default"), ("grad_clip_mode", "per_group")):
+        if payload.get("train", {}).get(key) == default:
+            del payload["train"][key]
     for role in ("student", "teacher"):
         if payload.get(role) is not None and payload[role].get("init_head") == "load":
             del payload[role]["init_head"]

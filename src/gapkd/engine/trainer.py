@@ -16,6 +16,7 @@ import torch
 from ..errors import GapkdError, NonFiniteLossError
 from ..methods.base import Distiller, StepInfo
 from . import distributed
+from .clipping import clip_gradients
 from .checkpoint import atomic_save, atomic_write_text, remove_stale_temporaries, safe_load
 from .optim import build_optimizer, build_scheduler
 from .runlog import MetricsLog, TextLog, progress_bar
@@ -117,9 +118,9 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         raise GapkdError("the training loader has no batches; lower data.batch_size or keep more samples.")
 
     groups = distiller.param_groups()
-    trained = [p for g in groups for p in g["params"] if p.requires_grad]
+    clip_groups = distiller.clip_groups()  # what train.grad_clip bounds, and whose gradient norms are logged
     optimizer = build_optimizer(groups, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, epochs, steps_per_epoch, cfg.optim.lr)
+    scheduler = build_scheduler(optimizer, cfg.schedule, epochs, steps_per_epoch, cfg.optim.lr, groups)
     amp_ctx, amp_dtype = autocast_context(device, cfg.train.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     check_every_step = device.type == "cpu" or cfg.train.nonfinite == "skip"
@@ -157,6 +158,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
         distiller.train()
         started = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
+        grad_sums = torch.zeros(2, len(clip_groups), device=device)  # per group: norm, clip factor
         correct = torch.zeros((), device=device)
         seen = done_steps = 0
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", echo)
@@ -170,10 +172,9 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             loss = sum(out.losses.values())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss * batch.weight if batch.weight != 1.0 else loss).backward()
-            grad_norm = None
-            if cfg.train.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.train.grad_clip)
+            scaler.unscale_(optimizer)  # a no-op without fp16 loss scaling
+            norms, factors = clip_gradients(clip_groups, cfg.train.grad_clip, cfg.train.grad_clip_mode)
+            grad_norm = norms.sum() if cfg.train.grad_clip is not None else None
             if check_every_step:
                 bad = _nonfinite_term(out.losses, grad_norm)
                 if distributed.any_process(bad is not None, dist, device):  # every process takes the same branch
@@ -193,6 +194,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
                 if batch.weight != 1.0:  # a slice of an uneven last global batch (DDP)
                     value = value * batch.weight
                 sums[name] = sums.get(name, 0.0) + value  # a new tensor: the step's own outputs may be reused (CUDA graphs)
+            grad_sums += torch.stack([norms, factors])
             correct += (out.logits.detach().argmax(1) == batch.labels).sum()
             seen += batch.labels.numel()
             done_steps += 1
@@ -208,6 +210,11 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             correct, seen = reduced[-2], int(reduced[-1])
             distributed.sync_buffers(distiller, dist)
         epoch_losses = {name: float(value) / max(done_steps, 1) for name, value in sums.items()}
+        grad_means = (grad_sums / max(done_steps, 1)).tolist()
+        grad_stats = {
+            **{f"grad_norm/{name}": value for (name, _), value in zip(clip_groups, grad_means[0])},
+            **{f"clip_factor/{name}": value for (name, _), value in zip(clip_groups, grad_means[1])},
+        }
         if not check_every_step:
             bad = _nonfinite_term({k: torch.tensor(v) for k, v in epoch_losses.items()}, None)
             if bad is not None:
@@ -226,6 +233,7 @@ def fit(distiller: Distiller, data, cfg, run_dir: Path, device: torch.device, *,
             "train_loss": sum(epoch_losses.values()),
             **{f"loss/{k}": v for k, v in epoch_losses.items()},
             "train_acc": 100.0 * float(correct) / max(seen, 1),
+            **grad_stats,
             **{f"val_acc/{k}": v for k, v in val.items()},
             **{f"test_acc/{k}": v for k, v in test.items()},
             "val_acc": val.get("student"),

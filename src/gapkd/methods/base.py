@@ -136,6 +136,25 @@ class Distiller(nn.Module):
         """What the optimiser trains. ``lr_mult`` scales the base learning rate of a group."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_mult": 1.0, "name": "student"}]
 
+    def clip_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """The groups ``train.grad_clip_mode=per_group`` bounds separately: each of :meth:`param_groups`,
+        except that a group named ``student`` holding parameters outside the student (projectors,
+        embeddings added to the default group) is split into ``student`` and ``auxiliary``."""
+        student_ids = {id(p) for p in self.student.parameters()}
+        groups: list[tuple[str, list[nn.Parameter]]] = []
+        for index, group in enumerate(self.param_groups()):
+            params = [p for p in group["params"] if p.requires_grad]
+            name = group.get("name", f"group{index}")
+            if not params:
+                continue
+            if name == "student":
+                auxiliary = [p for p in params if id(p) not in student_ids]
+                params = [p for p in params if id(p) in student_ids]
+                groups += [(n, ps) for n, ps in (("student", params), ("auxiliary", auxiliary)) if ps]
+            else:
+                groups.append((name, params))
+        return groups
+
     def deployable(self) -> nn.Module:
         """The module evaluated, exported and shipped."""
         return self.student

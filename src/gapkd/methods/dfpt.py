@@ -61,8 +61,19 @@ class DFPTHparams:
     """Fraction of the C' channels that go through the kernel groups (the rest pass unchanged)."""
     head_init: Literal["copy", "random"] = "copy"
     """The prompt head H_P starts as a copy of the teacher's classifier, or freshly initialised."""
+    fusion: Literal["conv1x1", "gate"] = "conv1x1"
+    """F_i: an identity-initialised 1x1 conv (ours), or a gate x * 2 sigmoid(1x1(ReLU(BN(1x1(x))))) whose last
+    conv starts at zero, so the gate starts at 1 (the seed blog's "adaptive weighting"; the factor 2 is ours,
+    so that the prompt path starts as the teacher)."""
+    kl_tau2: bool = True
+    """Scale every KL term by tau^2 (Hinton's convention, ours); off: the seed blog's unscaled KL terms."""
     prompt_lr_mult: Annotated[float, Field(gt=0)] = 1.0
     """Learning-rate multiplier of the prompt blocks, fusion blocks and prompt head."""
+    prompt_wd_mult: Annotated[float, Field(ge=0)] = 1.0
+    """Weight-decay multiplier of the prompt blocks, fusion blocks and prompt head (0: no decay; decay pulls the
+    identity fusion and the copied head toward zero, not toward where they start)."""
+    prompt_warmup_epochs: Annotated[float, Field(ge=0)] = 0.0
+    """Linear learning-rate warm-up of the prompt group alone, in epochs (on top of the schedule)."""
 
 
 @hparams
@@ -123,18 +134,36 @@ def identity_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
+class GateFusion(nn.Module):
+    """F_i as a gate: x * 2 sigmoid(1x1(ReLU(BN(1x1(x))))), the last conv zero-initialised (gate 1 at start)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+        self.out = nn.Conv2d(channels, channels, 1)
+        init_conv_bn(self.inner)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * (2.0 * torch.sigmoid(self.out(self.inner(x))))
+
+
 def dfpt_losses(student_logits: Tensor, prompt_logits: Tensor, teacher_logits: Tensor, labels: Tensor, h: DFPTHparams) -> dict[str, Tensor]:
     """The six weighted terms of L_prompt + L_student. sg(): the prompt-path terms send no
     gradient into the student and the student terms none into the prompt path."""
     tau = h.temperature
+    # kd_kl scales by tau^2; without kl_tau2 that factor is taken back out
+    kl_scale = 1.0 if h.kl_tau2 else 1.0 / (tau * tau)
     teacher_logits = teacher_logits.detach()
     return {
         "prompt_ce": h.prompt_ce_weight * F.cross_entropy(prompt_logits, labels),
-        "prompt_teacher": (h.prompt_teacher_weight if h.teacher_anchor else 0.0) * kd_kl(prompt_logits, teacher_logits, tau),
-        "prompt_student": (h.prompt_student_weight if h.student_feedback else 0.0) * kd_kl(prompt_logits, student_logits.detach(), tau),
+        "prompt_teacher": (h.prompt_teacher_weight if h.teacher_anchor else 0.0) * kl_scale * kd_kl(prompt_logits, teacher_logits, tau),
+        "prompt_student": (h.prompt_student_weight if h.student_feedback else 0.0) * kl_scale
+        * kd_kl(prompt_logits, student_logits.detach(), tau),
         "student_ce": h.student_ce_weight * F.cross_entropy(student_logits, labels),
-        "student_teacher": h.student_teacher_weight * kd_kl(student_logits, teacher_logits, tau),
-        "student_prompt": h.student_prompt_weight * kd_kl(student_logits, prompt_logits.detach(), tau),
+        "student_teacher": h.student_teacher_weight * kl_scale * kd_kl(student_logits, teacher_logits, tau),
+        "student_prompt": h.student_prompt_weight * kl_scale * kd_kl(student_logits, prompt_logits.detach(), tau),
     }
 
 
@@ -163,7 +192,8 @@ class DFPTKD(Distiller):
         self.prompt_blocks = nn.ModuleDict(
             {str(i): PromptBlock(channels[i], h.r1, h.r2, h.kernels) for i in insert_after} if h.use_prompts else {}
         )
-        self.fusions = nn.ModuleDict({str(i): identity_conv(channels[i]) for i in insert_after} if h.use_fusion else {})
+        fusion = identity_conv if h.fusion == "conv1x1" else GateFusion
+        self.fusions = nn.ModuleDict({str(i): fusion(channels[i]) for i in insert_after} if h.use_fusion else {})
         self.prompt_head = copy.deepcopy(teacher.classifier).requires_grad_(True)
         if h.head_init == "random":
             for module in self.prompt_head.modules():
@@ -227,7 +257,8 @@ class DFPTKD(Distiller):
     def param_groups(self) -> list[dict]:
         return [
             {"params": list(self.student.parameters()), "lr_mult": 1.0, "name": "student"},
-            {"params": self.prompt_parameters(), "lr_mult": self.hparams.prompt_lr_mult, "name": "prompt"},
+            {"params": self.prompt_parameters(), "lr_mult": self.hparams.prompt_lr_mult, "name": "prompt",
+             "wd_mult": self.hparams.prompt_wd_mult, "warmup_epochs": self.hparams.prompt_warmup_epochs},
         ]
 
     def eval_heads(self, images: Tensor) -> dict[str, Tensor]:

@@ -58,7 +58,7 @@ def add_study_parser(sub) -> None:
     for name, text in helps.items():
         parser = commands.add_parser(name, help=text, description=text, epilog=textwrap.dedent(EXAMPLES[name]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[plugin_option()])
-        parser.add_argument("study", help="a built-in study (capacity-cifar10, gap-ladder) or a study YAML file")
+        parser.add_argument("study", help="a built-in study (capacity-ladder-cpu, capacity-cifar10, gap-ladder) or a study YAML file")
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="run-config overrides for every run, e.g. data.root=DIR train.device=cuda train.threads=8")
         parser.add_argument("--budget", help="budget preset of the study: full, short, cpu or smoke for the built-in ones")

@@ -79,6 +79,7 @@ class Comparison:
     delta: float  # mean test accuracy at best validation minus the baseline's
     t: Optional[float]
     p: Optional[float]
+    p_holm: Optional[float] = None  # p adjusted by Holm's step-down method over every comparison of the report
 
 
 @dataclass
@@ -134,7 +135,56 @@ def summarize(rows: list[dict[str, Any]], baseline: Optional[str] = "scratch", o
         a, b = group.stat("test_acc_at_best_val"), reference.stat("test_acc_at_best_val")
         t, p = welch(a.values, b.values)
         comparisons[key] = Comparison(reference, a.mean - b.mean, t, p)
+    tested = [key for key, c in comparisons.items() if c.p is not None]
+    for key, adjusted in zip(tested, holm([comparisons[key].p for key in tested])):
+        comparisons[key].p_holm = adjusted
     return Summary(list(groups.values()), chosen, candidates, comparisons, teachers)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of ``pvalues``, in their order: the i-th smallest
+    p is multiplied by (m - i), made monotone from the smallest up, and capped at 1."""
+    m = len(pvalues)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: pvalues[i])):
+        running = max(running, min(1.0, (m - rank) * pvalues[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def gap_trends(summary: Summary, baseline: Optional[str]) -> list[dict[str, Any]]:
+    """Whether each method's gain over the baseline grows with the teacher's accuracy, per (dataset, student)
+    with two or more teachers: the least-squares slope of the per-seed gains (method's test accuracy at
+    the best-validation epoch minus the baseline's mean on the same pair) against the teacher's validation
+    accuracy, its two-sided p-value (scipy.stats.linregress), and the mean gain on each rung."""
+    rows = []
+    by_student: dict[tuple[str, str, str], list[tuple[float, Group, Comparison]]] = {}
+    for key, comparison in summary.comparisons.items():
+        group = summary.chosen[key]
+        teacher_val = _teacher_stat(summary, group.dataset, group.teacher, "best_val_acc").mean
+        if group.teacher and comparison.baseline.teacher and not math.isnan(teacher_val):
+            by_student.setdefault((group.dataset, group.model, group.method), []).append((teacher_val, group, comparison))
+    for (dataset, student, method), rungs in by_student.items():
+        if len(rungs) < 2:
+            continue
+        rungs.sort(key=lambda item: item[0])
+        xs, ys = [], []
+        for teacher_val, group, comparison in rungs:
+            reference = comparison.baseline.stat("test_acc_at_best_val").mean
+            for value in group.stat("test_acc_at_best_val").values:
+                xs.append(teacher_val), ys.append(value - reference)
+        slope = p = None
+        if len(set(xs)) >= 2 and len(xs) >= 3:
+            from scipy.stats import linregress
+
+            fit = linregress(xs, ys)
+            slope, p = float(fit.slope), float(fit.pvalue)
+        trend = "n/a" if p is None else ("grows" if slope > 0 and p < 0.05 else "shrinks" if slope < 0 and p < 0.05
+                                         else "no clear trend")
+        rows.append({"dataset": dataset, "student": student, "method": method, "baseline": baseline, "slope": slope, "p": p,
+                     "trend": trend, "gains": [(group.teacher, teacher_val, comparison.delta) for teacher_val, group, comparison in rungs]})
+    return rows
 
 
 def _validation_rank(group: Group) -> tuple[float, int]:
@@ -170,10 +220,12 @@ def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overri
     elsewhere = sum(1 for row in stored if row["config_hash"] not in runner.by_key and row["status"] == "done")
     done = [row for row in all_rows if row["status"] == "done"]
     order = {run.key: run.index for run in runner.plan}
+    tuning = [row for row in done if row["role"] == "student" and runner.by_key[row["config_hash"]].phase == "tune"]
+    done = [row for row in done if row not in tuning]  # the tuning seed's runs choose; they are never reported
     summary = summarize(done, spec.baseline, order)
     metrics = {row["config_hash"]: _metrics(runner.study_dir, row) for row in done if row["role"] == "student"}
     plots = _plot_ladders(summary, spec, out) + _plot_curves(summary, spec, metrics, out)
-    blocks = _blocks(spec, runner, summary, all_rows, plots)
+    blocks = _blocks(spec, runner, summary, all_rows, plots) + _tuning_blocks(spec, runner, tuning) + _trend_blocks(summary, spec)
     if elsewhere:
         blocks.insert(3, ("p", f"Note: the database holds {elsewhere} finished run(s) of {spec.name} that are not in this grid "
                                "(another budget, or other key=value overrides): pass the same budget and overrides as to "
@@ -235,10 +287,12 @@ def _blocks(spec: StudySpec, runner: StudyRunner, summary: Summary, rows: list[d
               "Hyper-parameters are chosen per (dataset, pair, method) by the mean VALIDATION accuracy over seeds; test accuracy "
               "is never used to choose. Values are mean ± sample standard deviation over seeds (a single seed shows its value). "
               f"Welch's t-test (unequal variances, two-sided) compares each method's test accuracy at the best-validation epoch "
-              f"with the baseline '{spec.baseline}' of the same dataset and student. Accuracies are top-1 %."),
+              f"with the baseline '{spec.baseline}' of the same dataset and student; 'p (Holm)' adjusts those p-values for "
+              "the number of comparisons (Holm's step-down method). With a tuning seed, hyper-parameters are chosen on its "
+              "runs' validation accuracy alone and only the evaluation seeds are reported. Accuracies are top-1 %."),
         ("h2", "Results"),
         ("table", ["dataset", "pair", "method", "chosen on validation", "seeds", "val (best)", "test @ best val",
-                   "test (last epoch)", f"Δ test vs {spec.baseline}", "Welch t", "p"], _main_rows(summary)),
+                   "test (last epoch)", f"Δ test vs {spec.baseline}", "Welch t", "p", "p (Holm)"], _main_rows(summary)),
     ]
     if summary.teachers:
         table = []
@@ -280,8 +334,40 @@ def _main_rows(summary: Summary) -> list[list[str]]:
             _fmt(comparison.delta, signed=True) if comparison else "—",
             _fmt(comparison.t) if comparison else "—",
             _fmt(comparison.p, 3) if comparison else "—",
+            _fmt(comparison.p_holm, 3) if comparison else "—",
         ])
     return table
+
+
+def _tuning_blocks(spec: StudySpec, runner: StudyRunner, rows: list[dict]) -> list[tuple]:
+    """The tuning seed's runs: validation accuracy of every configuration, and which one was chosen."""
+    if spec.tuning is None:
+        return []
+    table = []
+    for row in sorted(rows, key=lambda r: runner.by_key[r["config_hash"]].index):
+        run = runner.by_key[row["config_hash"]]
+        dataset, scope, label, index = run.choice
+        chosen = runner.choose((dataset, scope, label), [r for r in runner.plan if r.phase == "tune" and r.choice[:3] == run.choice[:3]])
+        varying = {k: v for k, v in row["hparams"].items()
+                   if len({json.dumps(r.hparams.get(k)) for r in runner.plan if r.choice and r.choice[:3] == run.choice[:3]}) > 1}
+        table.append([dataset, row["pair"], label, scope, ", ".join(f"{k}={v}" for k, v in varying.items()) or "—",
+                      _fmt(row.get("best_val_acc")), "✓" if chosen == index else ""])
+    return [("h2", f"Tuning (seed {spec.tuning.seed}, validation accuracy only; never reported as a result)"),
+            ("table", ["dataset", "pair", "method", "choice covers", "configuration", "val (best)", "chosen"], table)]
+
+
+def _trend_blocks(summary: Summary, spec: StudySpec) -> list[tuple]:
+    trends = gap_trends(summary, spec.baseline)
+    if not trends:
+        return []
+    table = [[t["dataset"], t["student"], t["method"],
+              "; ".join(f"{teacher} ({val:.1f}%): {delta:+.2f}" for teacher, val, delta in t["gains"]),
+              _fmt(t["slope"], 3, signed=True), _fmt(t["p"], 3), t["trend"]] for t in trends]
+    return [("h2", f"Does the gain over {spec.baseline} grow with the teacher?"),
+            ("p", f"Per method: the gain over {spec.baseline} on each rung (mean test accuracy at the best-validation epoch; "
+                  "rungs labelled by the teacher's validation accuracy), and the least-squares slope of the per-seed gains "
+                  "against the teacher's validation accuracy (points of gain per point of teacher accuracy) with its p-value."),
+            ("table", ["dataset", "student", "method", f"gain over {spec.baseline} per rung", "slope", "p", "trend"], table)]
 
 
 # ------------------------------------------------------------------ plots

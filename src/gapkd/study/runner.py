@@ -112,14 +112,36 @@ class StudyRunner:
                  echo: bool = True, log: Callable[[str], None] = print):
         self.spec = spec
         self.overrides = dict(overrides or {})  # applied to every run (reports state them)
-        self.plan = expand(spec, overrides)
-        self.by_key = {run.key: run for run in self.plan}
         self.study_dir = Path(study_dir or default_study_dir(spec)).expanduser().resolve()
+        self.replan()
         self.echo = echo
         self.log = log
         self._data: dict[str, Any] = {}
         self._failed: set[str] = set()
         self._code_version: Optional[str] = None
+
+    def replan(self) -> list[PlannedRun]:
+        """Expand the study again: evaluation runs of a tuned method appear once its tuning runs have finished.
+        Returns the runs that are new since the last plan."""
+        known = set(getattr(self, "by_key", {}))
+        self.plan = expand(self.spec, self.overrides, choose=self.choose)
+        self.by_key = {run.key: run for run in self.plan}
+        return [run for run in self.plan if run.key not in known]
+
+    def summary(self, run: PlannedRun) -> Optional[dict[str, Any]]:
+        path = self.run_dir(run) / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def choose(self, key: tuple, runs: list[PlannedRun]) -> Optional[int]:
+        """The configuration with the best validation accuracy (mean over the tuning pairs; ties go to the earlier
+        configuration) once every tuning run of ``key`` has finished; None before. Test accuracy is never read."""
+        values: dict[int, list[float]] = {}
+        for run in runs:
+            summary = self.summary(run)
+            if summary is None:
+                return None
+            values.setdefault(run.choice[3], []).append(summary.get("best_val_acc") or float("-inf"))
+        return max(sorted(values), key=lambda index: sum(values[index]) / len(values[index])) if values else None
 
     # ------------------------------------------------------------ places
     def run_dir(self, run: PlannedRun) -> Path:
@@ -169,9 +191,15 @@ class StudyRunner:
         result = StudyRunResult(total=len(self.plan), selected=len(selected))
         self._started, self._walls = time.perf_counter(), []
         with ResultStore(self.study_dir / DB_FILE) as store:
-            for position, run in enumerate(selected):
-                self._execute(run, store, result, on_demand=phase == "all")
-                self._progress(store, result, k, n, remaining=len(selected) - position - 1)
+            while selected:
+                for position, run in enumerate(self._gate_order(selected)):
+                    self.check_gates(before=run)
+                    self._execute(run, store, result, on_demand=phase == "all")
+                    self._progress(store, result, k, n, remaining=len(selected) - position - 1)
+                new = {run.key for run in self.replan()}  # tuned methods' evaluation runs, once their choice is known
+                selected = [run for run in self.selection(k, n, phase) if run.key in new]
+                result.total, result.selected = len(self.plan), result.selected + len(selected)
+            self.check_gates()
         if result.failed:
             self.log(f"{len(result.failed)} run(s) failed: " + "; ".join(f"{name}: {error}" for name, error in result.failed))
         return result
@@ -270,6 +298,78 @@ class StudyRunner:
         label = f"{self.spec.name}/{self.spec.budget}" if self.spec.budget else self.spec.name
         self.log(f"[{label}] grid {done}/{result.total} done | shard {k}/{n}: {result.selected - remaining}/{result.selected} "
                  f"({len(result.trained)} trained, {len(result.skipped)} skipped, {len(result.failed)} failed) | {last}ETA {eta}")
+
+
+    # ------------------------------------------------------------ gates
+    def _gate_order(self, runs: list[PlannedRun]) -> list[PlannedRun]:
+        """Teachers, then tuning runs, then the evaluation runs a student gate needs, then the rest (stable)."""
+        gates = self.spec.gates
+        gated = {gates.method, gates.over} if gates is not None and gates.min_gain is not None else set()
+
+        def rank(run: PlannedRun) -> int:
+            if run.role == "teacher":
+                return 0
+            return 1 if run.phase == "tune" else 2 if run.method in gated else 3
+        return sorted(runs, key=rank)
+
+    def check_gates(self, before: Optional[PlannedRun] = None) -> None:
+        """Raise a StudyGateError when a gate whose runs have all finished fails (``before``: only the gates that
+        must hold before that run trains). A gate with unfinished runs (another shard's) is not judged yet."""
+        gates = self.spec.gates
+        if gates is None or (before is not None and before.role == "teacher"):
+            return
+        if gates.teacher_gap is not None:
+            self._check_teacher_gap(gates.teacher_gap)
+        gated = (gates.method, gates.over)
+        if gates.min_gain is not None and (before is None or (before.phase == "eval" and before.method not in gated)):
+            self._check_student_gain(gates)
+
+    def _finished_values(self, runs: list[PlannedRun], metric: str = "best_val_acc") -> Optional[list[float]]:
+        summaries = [self.summary(run) for run in runs]
+        if not runs or any(s is None for s in summaries):
+            return None
+        return [s[metric] for s in summaries if s.get(metric) is not None]
+
+    def _check_teacher_gap(self, gap: float) -> None:
+        ladders: dict[tuple[str, str], list[str]] = {}
+        for run in self.plan:
+            if run.role == "student" and run.teacher_key and run.teacher_key not in ladders.setdefault((run.dataset, run.model), []):
+                ladders[(run.dataset, run.model)].append(run.teacher_key)
+        order = {pair.teacher: index for index, pair in enumerate(self.spec.pairs)}
+        for (dataset, student), keys in ladders.items():
+            rungs = sorted((self.by_key[key] for key in keys), key=lambda run: order.get(run.model, len(order)))
+            accuracies = [self._finished_values([run]) for run in rungs]
+            for lower, upper, low, high in zip(rungs, rungs[1:], accuracies, accuracies[1:]):
+                if low and high and high[0] - low[0] < gap:
+                    raise StudyGateError(
+                        f"teacher gate: on {dataset}, teacher {upper.model} reaches {high[0]:.2f}% validation accuracy, "
+                        f"less than {gap:g} points above {lower.model} ({low[0]:.2f}%), so the ladder has no clear rung "
+                        f"there. Train the teachers longer (teacher_config train.epochs) or replace {upper.model} with a "
+                        "larger model; every finished run is kept.")
+
+    def _check_student_gain(self, gates) -> None:
+        groups: dict[tuple[str, str], dict[str, list[PlannedRun]]] = {}
+        for run in self.plan:
+            if run.role == "student" and run.phase == "eval" and run.method in (gates.method, gates.over):
+                groups.setdefault((run.dataset, run.model), {}).setdefault(run.method, []).append(run)
+        for (dataset, student), by_method in groups.items():
+            pairs = sorted({run.pair for run in by_method.get(gates.method, [])})
+            for pair in pairs:
+                mine = self._finished_values([r for r in by_method.get(gates.method, []) if r.pair == pair])
+                theirs = self._finished_values(by_method.get(gates.over, []))
+                if not mine or not theirs:
+                    continue
+                gain = sum(mine) / len(mine) - sum(theirs) / len(theirs)
+                if gain < gates.min_gain:
+                    raise StudyGateError(
+                        f"student gate: on {dataset}, {gates.method} ({pair}) beats {gates.over} by {gain:+.2f} points of mean "
+                        f"validation accuracy, less than the {gates.min_gain:g} the study asks for: at this student budget "
+                        "distillation does not yet help, so no method comparison would mean anything. Lengthen the student "
+                        "budget (student_config train.epochs) and run the study again; every finished run is kept.")
+
+
+class StudyGateError(GapkdError):
+    """A study gate failed (see GateSpec): the message says which and what to change."""
 
 
 def _duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -54,6 +54,9 @@ class MethodSpec(_Strict):
     name: Optional[str] = Field(None, description="registered method; default: the entry's label")
     params: dict[str, Any] = Field(default_factory=dict, description="fixed hyper-parameters")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="hyper-parameter values to try (cartesian product)")
+    points: list[dict[str, Any]] = Field(
+        default_factory=list, description="hyper-parameter configurations to try, each a mapping (combined with every grid "
+        "point); for settings that go together, e.g. a set of loss weights")
     config: dict[str, Any] = Field(default_factory=dict, description="extra run-config keys for this method's runs")
     pipeline: Optional[str] = Field(None, description="a multi-stage pipeline (gapkd.pipelines.PIPELINES) run instead of one run")
     pipeline_options: dict[str, Any] = Field(default_factory=dict, description="the pipeline's own options (its config section)")
@@ -65,6 +68,31 @@ class MethodSpec(_Strict):
         if empty:
             raise ValueError(f"grid values must be non-empty lists; {empty} are empty")
         return grid
+
+
+class TuningSpec(_Strict):
+    """Hyper-parameters chosen on validation with a seed of their own: every configuration of a method (its
+    grid and points) trains once with ``seed``; the configuration with the best validation accuracy then
+    trains with every evaluation seed. The tuning seed's runs are never reported as results."""
+
+    seed: int = Field(..., description="the tuning seed (not one of the study's seeds)")
+    teachers: Optional[list[str]] = Field(
+        None, description="teacher labels of the pairs to tune on; the choice then applies to every pair of the "
+        "dataset and student (default, and for a method on none of these pairs: each pair is tuned on its own)")
+
+
+class GateSpec(_Strict):
+    """Checks that make a study's answer mean something, run as soon as their runs are finished; a failed gate
+    stops the study with a message naming what to change, keeping every finished run."""
+
+    teacher_gap: Optional[float] = Field(
+        None, ge=0, description="each teacher (in the order of `pairs`, per dataset and student) must beat the one "
+        "before it by at least this many points of validation accuracy")
+    method: str = Field("kd", description="method label whose gain the student gate checks")
+    over: str = Field("scratch", description="method label it must beat")
+    min_gain: Optional[float] = Field(
+        None, description="points of mean validation accuracy (evaluation seeds) by which `method` must beat `over` on "
+        "every pair before the other methods train; if it does not, the student budget is too short")
 
 
 class StudySpec(_Strict):
@@ -80,6 +108,8 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     teacher_seed: Union[int, Literal["match"]] = Field(0, description="seed of every teacher, or `match`: one teacher per student seed")
     baseline: Optional[str] = Field("scratch", description="method label the Welch t-test compares against (same dataset and student)")
+    tuning: Optional[TuningSpec] = Field(None, description="choose hyper-parameters with a seed of their own (see TuningSpec)")
+    gates: Optional[GateSpec] = Field(None, description="checks before the main grid (see GateSpec)")
     budgets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="name -> overlay on this study (plus an optional `note`)")
     budget: Optional[str] = Field(None, description="the budget this spec was resolved at (set by resolve_study)")
     budget_note: str = ""
@@ -93,6 +123,17 @@ class StudySpec(_Strict):
             raise ValueError(f"seeds repeat: {self.seeds}")
         if self.baseline is not None and self.baseline not in self.methods:
             raise ValueError(f"baseline {self.baseline!r} is not a method label; labels: {', '.join(self.methods)}")
+        if self.tuning is not None and self.tuning.seed in self.seeds:
+            raise ValueError(f"tuning.seed {self.tuning.seed} is also an evaluation seed; choose a seed outside {self.seeds}")
+        if self.tuning is not None and self.tuning.teachers is not None:
+            teachers = {pair.teacher for pair in self.pairs}
+            unknown = [label for label in self.tuning.teachers if label not in teachers]
+            if unknown:
+                raise ValueError(f"tuning.teachers names {unknown}, which are not teachers of any pair ({sorted(map(str, teachers))})")
+        if self.gates is not None and self.gates.min_gain is not None:
+            missing = [label for label in (self.gates.method, self.gates.over) if label not in self.methods]
+            if missing:
+                raise ValueError(f"gates name method labels {missing} the study does not list ({', '.join(self.methods)})")
         for section in ("base", "teacher_config", "student_config"):
             taken = [key for key in AXIS_KEYS if key in getattr(self, section) and not (section == "teacher_config" and key == "method")]
             if taken:
@@ -118,6 +159,8 @@ class PlannedRun:
     pipeline: Optional[str] = None
     pipeline_options: dict[str, Any] = field(default_factory=dict, repr=False)
     index: int = 0  # position in the stable grid order (teachers first)
+    phase: Literal["tune", "eval"] = "eval"  # tune: a configuration tried with the tuning seed (never reported)
+    choice: Optional[tuple] = None  # tune runs: (dataset, scope, method label, point index) they compete in
 
     @property
     def pair(self) -> str:
@@ -144,7 +187,7 @@ def builtin_studies() -> list[str]:
 
 
 def read_study(source: str | Path) -> dict[str, Any]:
-    """A study's raw mapping from a YAML path or a built-in name (capacity-cifar10, gap-ladder)."""
+    """A study's raw mapping from a YAML path or a built-in name (capacity-ladder-cpu, capacity-cifar10, gap-ladder)."""
     path = Path(source).expanduser()
     if path.is_file():
         return read_yaml(path)
@@ -187,6 +230,8 @@ def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None
     payload = omit_later_defaults(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
     payload["role"] = role
     payload["data"].pop("root", None)
+    if payload["data"].get("path") is not None:  # where the data lies on this machine, like root
+        payload["data"]["path"] = Path(payload["data"]["path"]).name
     for key in ("log_every", "threads"):
         payload["train"].pop(key, None)
     if pipeline:
@@ -194,8 +239,17 @@ def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None) -> list[PlannedRun]:
-    """Every distinct run of the study, teachers first, in a stable order; validates all of them."""
+#: ``choose(key, runs)``: the index of the configuration chosen for ``key`` = (dataset, scope, method label) from
+#: its finished tuning runs, or None while they are not all finished (see StudyRunner.choose)
+Chooser = Callable[[tuple, list["PlannedRun"]], Optional[int]]
+
+
+def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: Optional[Chooser] = None) -> list[PlannedRun]:
+    """Every distinct run of the study, teachers first, in a stable order; validates all of them.
+
+    With ``spec.tuning``, a method with several configurations first trains each of them with the tuning
+    seed (phase ``tune``); its evaluation runs are planned only once ``choose`` names the configuration
+    chosen on validation (without ``choose``, or before the tuning runs finish, they are left out)."""
     from ..methods import METHODS
 
     where = f"study {spec.name}" + (f" (budget {spec.budget})" if spec.budget else "")
@@ -219,38 +273,74 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None) -> list[
     datasets = [d if isinstance(d, dict) else {"name": d} for d in spec.datasets] or [dict(spec.base.get("data", {}))]
     teachers: dict[str, PlannedRun] = {}
     students: dict[str, PlannedRun] = {}
+
+    def student_run(job, point: dict[str, Any], seed: int, phase: str = "eval", choice: Optional[tuple] = None) -> None:
+        base, dataset, pair, label, entry, uses_teacher = job
+        tree = merge(merge(merge(merge(base, spec.student_config), entry.config), overrides), {
+            "student": model_section(pair.student), "seed": seed,
+            "method": {"name": entry.name or label, **entry.params, **point},
+        })
+        teacher_key = None
+        if uses_teacher:
+            teacher_seed = seed if spec.teacher_seed == "match" else spec.teacher_seed
+            teacher = _teacher_run(spec, base, overrides, pair.teacher, dataset, teacher_seed, model_section, build)
+            teachers.setdefault(teacher.key, teacher)
+            teacher_key = teacher.key
+            tree["teacher"] = {**model_section(pair.teacher), "checkpoint": TEACHER_CHECKPOINT_PREFIX + teacher_key}
+        cfg = build(tree, f"methods.{label} on {pair.teacher or '-'}->{pair.student}")
+        pipeline = {"name": entry.pipeline, "options": entry.pipeline_options} if entry.pipeline else None
+        key = run_key(cfg, "student", pipeline)
+        students.setdefault(key, PlannedRun(
+            key=key, role="student", dataset=dataset, model=pair.student,
+            teacher=pair.teacher if uses_teacher else None, method=label, method_name=cfg.method.name,
+            seed=seed, hparams=cfg.method.hparams, tree=cfg.model_dump(mode="json"), teacher_key=teacher_key,
+            pipeline=entry.pipeline, pipeline_options=dict(entry.pipeline_options), phase=phase, choice=choice,
+        ))
+
+    jobs = []
     for data_section in datasets:
         base = merge(spec.base, {"data": data_section})
         dataset = str(base.get("data", {}).get("name", "digits"))
         for pair in spec.pairs:
             for label, entry in _pair_methods(spec, pair, where):
-                method_name = entry.name or label
-                method_cls = METHODS.get(method_name)
-                uses_teacher = method_cls.needs_teacher or entry.pipeline is not None
+                uses_teacher = METHODS.get(entry.name or label).needs_teacher or entry.pipeline is not None
                 if uses_teacher and pair.teacher is None:
                     continue  # a baselines-only pair (e.g. a stem ablation) runs teacher-free methods alone
-                for point in _grid_points(entry.grid):
-                    for seed in spec.seeds:
-                        tree = merge(merge(merge(merge(base, spec.student_config), entry.config), overrides), {
-                            "student": model_section(pair.student), "seed": seed,
-                            "method": {"name": method_name, **entry.params, **point},
-                        })
-                        teacher_key = None
-                        if uses_teacher:
-                            teacher_seed = seed if spec.teacher_seed == "match" else spec.teacher_seed
-                            teacher = _teacher_run(spec, base, overrides, pair.teacher, dataset, teacher_seed, model_section, build)
-                            teachers.setdefault(teacher.key, teacher)
-                            teacher_key = teacher.key
-                            tree["teacher"] = {**model_section(pair.teacher), "checkpoint": TEACHER_CHECKPOINT_PREFIX + teacher_key}
-                        cfg = build(tree, f"methods.{label} on {pair.teacher or '-'}->{pair.student}")
-                        pipeline = {"name": entry.pipeline, "options": entry.pipeline_options} if entry.pipeline else None
-                        key = run_key(cfg, "student", pipeline)
-                        students.setdefault(key, PlannedRun(
-                            key=key, role="student", dataset=dataset, model=pair.student,
-                            teacher=pair.teacher if uses_teacher else None, method=label, method_name=cfg.method.name,
-                            seed=seed, hparams=cfg.method.hparams, tree=cfg.model_dump(mode="json"), teacher_key=teacher_key,
-                            pipeline=entry.pipeline, pipeline_options=dict(entry.pipeline_options),
-                        ))
+                jobs.append((base, dataset, pair, label, entry, uses_teacher))
+
+    tuning = spec.tuning
+    # methods with a pair among tuning.teachers share one choice per student; the others are tuned on each of their pairs
+    shared = {(job[1], job[2].student, job[3]) for job in jobs if tuning is not None and tuning.teachers and job[2].teacher in tuning.teachers}
+
+    def scope(dataset: str, pair: PairSpec, label: str) -> str:
+        return f"*→{pair.student}" if (dataset, pair.student, label) in shared else f"{pair.teacher}→{pair.student}"
+
+    tune_runs: dict[tuple, list[PlannedRun]] = {}
+    for job in jobs:  # the tuning runs first: every configuration once, with the tuning seed
+        _, dataset, pair, label, entry, _ = job
+        points = _grid_points(entry.grid, entry.points)
+        if tuning is None or len(points) < 2:
+            continue
+        if (dataset, pair.student, label) in shared and pair.teacher not in tuning.teachers:
+            continue  # chosen on the tuning pairs
+        scope_ = scope(dataset, pair, label)
+        for index, point in enumerate(points):
+            before = len(students)
+            student_run(job, point, tuning.seed, "tune", (dataset, scope_, label, index))
+            if len(students) > before:
+                tune_runs.setdefault((dataset, scope_, label), []).append(list(students.values())[-1])
+    for job in jobs:
+        _, dataset, pair, label, entry, _ = job
+        points = _grid_points(entry.grid, entry.points)
+        if tuning is not None and len(points) > 1:
+            key = (dataset, scope(dataset, pair, label), label)
+            index = choose(key, tune_runs.get(key, [])) if choose is not None and tune_runs.get(key) else None
+            if index is None:
+                continue  # planned once its tuning runs have finished
+            points = [points[index]]
+        for point in points:
+            for seed in spec.seeds:
+                student_run(job, point, seed)
     ordered = list(teachers.values()) + list(students.values())
     return [replace(run, index=i) for i, run in enumerate(ordered)]
 
@@ -299,9 +389,11 @@ def _pair_methods(spec: StudySpec, pair: PairSpec, where: str):
         yield label, entry
 
 
-def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+def _grid_points(grid: dict[str, list[Any]], points: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
+    """Every configuration of a method: each of ``points`` (default: one empty) with each grid point."""
     keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    product = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return [{**point, **values} for point in (points or [{}]) for values in product]
 
 
 def _teacher_run(spec, base, overrides, label, dataset, seed, model_section, build) -> PlannedRun:
