@@ -315,5 +315,5 @@ def test_a_topk_cache_trains_from_the_rebuilt_logits(tiny_overrides, tmp_path, t
     folder = _only_cache(tmp_path)
     assert {p.stem for p in folder.glob("*.npy")} == {"train_values", "train_index", "train_fill", "val", "test"}
     assert np.load(folder / "train_values.npy").shape[1:] == (4, 3)
-    with pytest.raises(Exception, match="keeps all 10 classes"):
+    with pytest.raises(ConfigError, match="keeps all 10 classes"):
         run(build_config(overrides, overrides=["name=all", "data.teacher_cache_topk=10"]), echo=False)

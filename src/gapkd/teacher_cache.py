@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .data.core import cache_dir
+from .errors import ConfigError
 
 FORMAT = 1
 META = "meta.json"
@@ -264,8 +265,6 @@ def build_cache(folder: Path, key: dict, teacher: torch.nn.Module, bundle, amp_c
             dtype = out.dtype
             return out.float().cpu()
 
-        if topk is not None and topk >= c:
-            raise ValueError(f"data.teacher_cache_topk={topk} keeps all {c} classes; drop it (or keep fewer classes)")
         if topk is None:
             full = writer.array("train", (n, count, c), np.float32)
         else:
@@ -310,7 +309,7 @@ def obtain(cfg, bundle, teacher: torch.nn.Module, device: torch.device, amp: str
     if folder.exists():
         try:
             return open_cache(folder, key), "hit"
-        except ValueError as problem:
+        except (ValueError, OSError) as problem:  # OSError: files removed under us by a process discarding it
             warnings.warn(f"teacher cache {folder} is not usable ({problem}); rebuilding it", stacklevel=2)
             _discard(folder)
             status = "rebuilt"
@@ -332,6 +331,10 @@ def attach(cfg, bundle, distiller, device: torch.device, amp_ctx, log: Callable[
         return {}, None
     if not cfg.data.teacher_cache:
         return {"teacher_cache": "off"}, None
+    topk = cfg.data.teacher_cache_topk
+    if topk is not None and topk >= bundle.num_classes:
+        raise ConfigError(f"data.teacher_cache_topk={topk} keeps all {bundle.num_classes} classes of {cfg.data.name}: drop it "
+                          f"(the full logits are cached) or set it below {bundle.num_classes}.")
     amp, channels_last = resolve_amp(device, cfg.train.amp), resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last)
     if dist is not None and dist.enabled and not dist.is_main:
         dist.barrier()  # rank 0 builds it; the others open it
