@@ -22,6 +22,7 @@ from gapkd.config import build_config
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=3000, help="training subset (stratified; 10%% more are held out for validation)")
+    parser.add_argument("--student-images", type=int, help="the students' training subset (default: --images)")
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--teacher", default="resnet20")
     parser.add_argument("--student", default="resnet8")
@@ -49,6 +50,7 @@ def main() -> None:
         for seed in args.seeds:
             cfg = build_config(
                 {**common, "name": f"kd-views{views}-s{seed}", "seed": seed, "student": {"name": args.student},
+                 "data": {**common["data"], "train_subset": args.student_images or args.images},
                  "teacher": {"name": args.teacher, "checkpoint": checkpoint}, "method": {"name": "kd"},
                  "train": {"epochs": args.epochs, "log_every": 1000}},
                 overrides=[*args.extra, f"data.views={views}", f"data.teacher_cache_dir={out / 'teacher-cache'}"])
