@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +339,9 @@ def attach(cfg, bundle, distiller, device: torch.device, amp_ctx, log: Callable[
     amp, channels_last = resolve_amp(device, cfg.train.amp), resolve_channels_last(device, cfg.train.amp, cfg.train.channels_last)
     if dist is not None and dist.enabled and not dist.is_main:
         dist.barrier()  # rank 0 builds it; the others open it
+    started = time.perf_counter()
     cache, status = obtain(cfg, bundle, distiller.teacher, device, amp, channels_last, amp_ctx, log)
+    seconds = time.perf_counter() - started
     if dist is not None and dist.enabled and dist.is_main:
         dist.barrier()
     if cache.train.shape[:2] != (bundle.train.num_samples, cfg.data.views):
@@ -348,7 +351,7 @@ def attach(cfg, bundle, distiller, device: torch.device, amp_ctx, log: Callable[
     if device.type != "cpu" and _nbytes(table) <= DEVICE_TABLE_BYTES:
         table = table.to(device)
     bundle.train.teacher_logits = table
-    return {"teacher_cache": status, "teacher_cache_dir": str(cache.folder)}, cache
+    return {"teacher_cache": status, "teacher_cache_dir": str(cache.folder), "teacher_cache_seconds": seconds}, cache
 
 
 #: a table up to this size is copied to an accelerator; a larger one stays memory-mapped in host memory
