@@ -20,7 +20,14 @@ from gapkd.pipelines import PIPELINES
 
 CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
 METHODS = ["ce", "kd", "logit-kd", "dkd", "dist", "ctkd", "fitnet", "at", "feature-kd", "simkd", "crd", "reviewkd",
-           "dfpt-kd", "dfpt-kd+", "takd", "eskd"]
+           "dfpt-kd", "dfpt-kd+", "takd", "eskd", "ab", "ft", "fsp", "ofd", "kd-ls", "nkd", "wttm", "sdd", "mlkd", "dgkd"]
+# initialisation phases scaled to the budget: RepDistiller's 30 of 240 epochs, at least 1, inside the same epochs
+INIT_PHASE = ("ab", "ft", "fsp")
+# labels that are a method with settings of their own: (method section, other config keys)
+VARIANTS = {
+    "kd-ls": ({"name": "kd", "logit_standardize": True, "temperature": 2.0, "kd_weight": 9.0}, {}),  # the authors' 2 / 9
+    "mlkd": ({"name": "mlkd"}, {"data": {"augment": {"strong": True}}}),  # its strong view
+}
 
 
 def base_tree(args) -> dict:
@@ -39,18 +46,23 @@ def run_method(method: str, tree: dict, args) -> dict:
     tree = merge(tree, {"name": f"{method}_{args.teacher}-{args.student}_s{args.seed}"})
     if method == "ce":
         tree = {k: v for k, v in tree.items() if k != "teacher"}
+    if method in VARIANTS:
+        section, extra = VARIANTS[method]
+        return run(build_config(merge(merge(tree, extra), {"method": section})), echo=False)
     if method in PIPELINES:  # takd: assistant resnet32 distilled with kd; eskd: teacher stopped at 40% of its epochs
-        tree = merge(tree, {"method": {"name": "kd"}})
-        options = {"takd": {"assistant": args.assistant}, "eskd": {"stop_epoch": max(1, int(0.4 * tree["train"]["epochs"]))}}
+        tree = merge(tree, {"method": {"name": "dgkd" if method == "dgkd" else "kd"}})
+        options = {"takd": {"assistant": args.assistant}, "dgkd": {"assistant": args.assistant},
+                   "eskd": {"stop_epoch": max(1, int(0.4 * tree["train"]["epochs"]))}}
         return PIPELINES.get(method)(None, merge(tree, {method: options.get(method, {})}), echo=False)["student"]
-    return run(build_config(merge(tree, {"method": {"name": method}})), echo=False)
+    hyper = {"init_epochs": max(1, round(tree["train"]["epochs"] * 30 / 240))} if method in INIT_PHASE else {}
+    return run(build_config(merge(tree, {"method": {"name": method, **hyper}})), echo=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
-    parser.add_argument("--assistant", default="resnet32", help="TAKD's assistant")
+    parser.add_argument("--assistant", default="resnet32", help="TAKD's and DGKD's assistant")
     parser.add_argument("--teacher-checkpoint")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seed", type=int, default=0)
@@ -61,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     from gapkd.methods import METHODS as REGISTRY
 
-    unknown = [m for m in args.methods if m not in PIPELINES and m not in REGISTRY]
+    unknown = [m for m in args.methods if m not in PIPELINES and m not in REGISTRY and m not in VARIANTS]
     if unknown:  # e.g. overrides written after --methods, which takes every word after it
         parser.error(f"unknown method(s) {unknown}: put key=value overrides before --methods")
     if args.smoke and not args.teacher_checkpoint:

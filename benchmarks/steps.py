@@ -25,7 +25,8 @@ def make_step(cfg, data):
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
     teacher_cache.attach(cfg, bundle, distiller, device, amp_ctx, log=lambda message: None)  # data.views > 0: cached logits
     batch = next(iter(bundle.train.epoch(0)))
-    info = StepInfo(0, 0, 1, 1, batch.indices, batch.views, batch.teacher_logits)
+    info = StepInfo(0, 0, 1, 1, batch.indices, getattr(batch, "strong_images", None), views=batch.views,
+                    teacher_logits=batch.teacher_logits)
 
     cuda_graphs = uses_cuda_graphs(cfg.train)
 

@@ -3,6 +3,7 @@ per-epoch diagnostics and `gapkd analyze`."""
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +12,17 @@ import torch.nn.functional as F
 import yaml
 
 from gapkd.analysis import (
-    class_similarity, compare_logits, decompose, dkd_terms, expected_calibration_error, inner_class, kd_loss, spread,
+    class_similarity,
+    compare_logits,
+    decompose,
+    dkd_terms,
+    expected_calibration_error,
+    inner_class,
+    kd_loss,
+    spread,
     top1_agreement,
 )
 from gapkd.methods.losses import kd_kl
-
 
 # --- decomposition: hand computation ------------------------------------------------------------
 
@@ -208,15 +215,17 @@ def test_aid_adapt_trains_only_the_adapted_teacher():
         assert all(torch.equal(state[k], v) for k, v in getattr(method, name).state_dict().items()), name
     assert not all(torch.equal(adapted_before[k], v) for k, v in method.student.state_dict().items())
     assert not method.teacher.training and not method.reference.training and method.student.training
-    assert all(k.startswith("student.") for k in method.trainable_state_dict())
+    running = {"running_teacher_sums", "running_teacher_counts", "running_reference_sums", "running_reference_counts"}
+    assert all(k.startswith("student.") or k in running for k in method.trainable_state_dict())  # running sums resume
+    assert running <= set(method.trainable_state_dict()) and method.running_teacher_counts.sum().item() == pytest.approx(8 * (1 + 0.99 + 0.99**2))  # decayed per step
 
 
-@pytest.mark.parametrize("scaling", [False, True])
-def test_aid_loss_matches_an_independent_computation(scaling):
+@pytest.mark.parametrize("scaling,means", [(False, "batch"), (True, "batch"), (True, "running")])
+def test_aid_loss_matches_an_independent_computation(scaling, means):
     from gapkd.methods import StepInfo
 
     tau, beta, gamma, ce_weight = 3.0, 0.7, 1.3, 0.5
-    method = _adapt(temperature=tau, beta=beta, gamma=gamma, ce_weight=ce_weight, temperature_scaling=scaling)
+    method = _adapt(temperature=tau, beta=beta, gamma=gamma, ce_weight=ce_weight, temperature_scaling=scaling, class_means=means)
     with torch.no_grad():  # the adapted teacher starts from T0: move it away so the class term is not 0
         for p in method.student.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -235,6 +244,85 @@ def test_aid_loss_matches_an_independent_computation(scaling):
     assert out.losses["inner"].item() == pytest.approx(beta * scale * inner, rel=1e-4)
     assert out.losses["class"].item() == pytest.approx(gamma * scale * class_to_original, rel=1e-4)
     assert inner > 0 and class_to_original > 0
+
+
+def _inner_with_means(p_rows, q_rows, labels, p_bar, q_bar):
+    """(1/n) sum_i [KL(p_i || q_i) - sum_k p_ik log(p_bar_yi,k / q_bar_yi,k)] with loops, for given class means."""
+    total = 0.0
+    for p, q, c in zip(p_rows, q_rows, labels):
+        total += _kl(p, q) - sum(pk * math.log(a / b) for pk, a, b in zip(p, p_bar[c], q_bar[c]))
+    return total / len(labels)
+
+
+def test_running_class_means_match_a_hand_computation_over_two_batches():
+    """Batch 2's L_inner uses the means of decay * (batch 1's sums) + batch 2's sums, for both models; a class
+    alone in batch 2 (class 3) still counts, where batch means give it exactly 0."""
+    from gapkd.methods import StepInfo
+
+    tau, decay = 0.5, 0.6  # a low tau: sharp, far-apart distributions, so float32 rounding stays small next to the terms
+    method = _adapt(temperature=tau, class_means="running", running_decay=decay, beta=1.0, temperature_scaling=False)
+    method.eval()  # fixed batch-norm statistics, so the logits can be recomputed outside
+    method.training = True  # but the running sums update, as in training
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(7, 1, 8, 8, generator=generator), torch.tensor([0, 0, 1, 3, 3, 1, 0])),
+               (torch.randn(5, 1, 8, 8, generator=generator), torch.tensor([0, 1, 1, 3, 0]))]
+    sums = {"p": np.zeros((5, 5)), "q": np.zeros((5, 5))}
+    counts = np.zeros(5)
+    for step, (images, labels) in enumerate(batches):
+        out = method(images, labels, StepInfo(0, step, 1, 2))
+        with torch.no_grad():
+            p_rows = [_softmax(r, tau) for r in method.student(images).double().numpy()]
+            q_rows = [_softmax(r, tau) for r in method.reference(images).double().numpy()]
+        y = labels.tolist()
+        counts = decay * counts + np.bincount(y, minlength=5)
+        for key, rows in (("p", p_rows), ("q", q_rows)):
+            sums[key] = decay * sums[key]
+            for row, c in zip(rows, y):
+                sums[key][c] += row
+        means = {key: sums[key] / np.maximum(counts, 1e-12)[:, None] for key in sums}
+        expected = _inner_with_means(p_rows, q_rows, y, means["p"], means["q"])
+        assert out.losses["inner"].item() == pytest.approx(expected, rel=1e-4)
+        if step == 0:  # the first step's means are the batch's: the decomposition's L_inner itself
+            _, _, batch_inner = _by_hand(method.student(images).detach().double().numpy(),
+                                         method.reference(images).double().numpy(), y, tau)
+            assert out.losses["inner"].item() == pytest.approx(batch_inner, rel=1e-4)
+    np.testing.assert_allclose(method.running_teacher_counts.numpy(), counts, rtol=1e-6)
+    # class 3 is alone in batch 2: with batch means its sample adds 0 (its mean is itself), with running means it does not
+    images, labels = batches[1]
+    alone = labels == 3
+    p_rows = [_softmax(r, tau) for r in method.student(images[alone]).detach().double().numpy()]
+    q_rows = [_softmax(r, tau) for r in method.reference(images[alone]).double().numpy()]
+    assert _inner_with_means(p_rows, q_rows, [3], means["p"], means["q"]) > 1e-4
+
+
+def test_running_means_without_memory_equal_batch_means_in_value_and_gradient():
+    """running_decay=0 keeps only the current batch; the gradient through exact class means is 0, so holding
+    them constant (as the running mode does) changes nothing."""
+    from gapkd.methods import StepInfo
+
+    generator = torch.Generator().manual_seed(4)
+    images, labels = torch.randn(9, 1, 8, 8, generator=generator), torch.tensor([0, 0, 1, 2, 2, 2, 4, 1, 0])
+    grads = {}
+    for means in ("batch", "running"):
+        method = _adapt(class_means=means, running_decay=0.0, temperature=4.0)
+        method.train()
+        out = method(images, labels, StepInfo(0, 0, 1, 1))
+        grads[means] = (out.losses["inner"].item(), torch.autograd.grad(out.losses["inner"], list(method.student.parameters())))
+    assert grads["running"][0] == pytest.approx(grads["batch"][0], rel=1e-4) and grads["batch"][0] > 0
+    for a, b in zip(grads["running"][1], grads["batch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("class_means", "ema", "class_means"), ("running_decay", 1.0, "running_decay"), ("running_decay", -0.1, "running_decay"),
+])
+def test_bad_aid_adapt_values_fail_with_the_key(key, value, message):
+    from gapkd.config import validate_hparams
+    from gapkd.errors import ConfigError
+    from gapkd.methods import METHODS
+
+    with pytest.raises(ConfigError, match=message):
+        validate_hparams(METHODS.get("aid-adapt"), {key: value})
 
 
 def test_aid_adapt_without_reference_says_what_to_set():
@@ -268,6 +356,7 @@ def digits_teacher(tmp_path_factory):
 
 def _pipeline_overrides(digits_teacher, name, **aid):
     base, teacher = digits_teacher
+    aid = {"max_teacher_drop": 100.0, **aid}  # a 1-epoch teacher on 18 validation images: not what these tests check
     return {**copy.deepcopy(base), "name": name, "student": {"name": "resnet8"},
             "teacher": {"name": "resnet14", "checkpoint": teacher}, "aid": aid}
 
@@ -303,6 +392,32 @@ def test_pipeline_end_to_end(digits_teacher):
     assert json.loads(open(f"{root}/aid_summary.json").read())["student_checkpoint"].endswith("3-distill/checkpoints/best.pt")
 
 
+def test_adaptation_moves_l_inner_with_the_defaults_and_barely_as_written(tmp_path):
+    """All of digits, a resnet14 teacher trained for 3 epochs, the pipeline at its defaults (1 adaptation epoch
+    at lr/10): L_inner(T ‖ S_ref) on the validation split falls by a clear margin; the loss as written before
+    (no τ², batch means; its adaptation stage only) barely moves it."""
+    from gapkd.api import run
+    from gapkd.config import build_config
+    from gapkd.pipeline_aid import adaptation_check, adapted_teacher_report, aid, parse_aid_config, pipeline_dir_for, stage_configs
+
+    base = {"out_dir": str(tmp_path), "data": {"name": "digits", "batch_size": 32, "augment": {"crop_padding": 1, "flip": False}},
+            "optim": {"lr": 0.05}, "schedule": {"name": "cosine"}, "train": {"epochs": 3, "device": "cpu", "amp": "off", "log_every": 1000}}
+    run(build_config(base, overrides={"name": "teacher", "student": {"name": "resnet14"}}), echo=False)
+    common = {**base, "student": {"name": "resnet8"}, "teacher": {"name": "resnet14", "checkpoint": str(tmp_path / "teacher/checkpoints/best.pt")}}
+    # 143 validation images: one image is 0.7 points, so the tolerance here allows a few
+    new = aid(overrides={**common, "name": "defaults", "aid": {"max_teacher_drop": 3.0}}, echo=False)["adaptation"]
+    reference = str(tmp_path / "defaults/1-reference/checkpoints/best.pt")  # the same S_ref for both
+    cfg, options, hyper = parse_aid_config(overrides={**common, "name": "as-written", "aid": {
+        "temperature_scaling": False, "class_means": "batch", "reference_checkpoint": reference}})
+    pipeline_dir = pipeline_dir_for(cfg, options, hyper)
+    adapt = stage_configs(cfg, options, hyper, pipeline_dir)["adapt"]
+    run(adapt, echo=False)
+    old = adaptation_check(adapted_teacher_report(adapt, pipeline_dir, None), options)
+    assert new["within_tolerance"] and new["inner_change_percent"] < -10, new["message"]
+    assert abs(old["inner_change_percent"]) < 5, old["message"]
+    assert new["inner_before"] == pytest.approx(old["inner_before"], rel=1e-9)  # same T0, same S_ref, same split
+
+
 def test_pipeline_resumes_and_skips_finished_stages(digits_teacher, monkeypatch):
     import gapkd.api as api
     import gapkd.engine.trainer as trainer
@@ -336,6 +451,55 @@ def test_pipeline_resumes_and_skips_finished_stages(digits_teacher, monkeypatch)
     assert calls == ["1-reference", "2-adapt", "2-adapt", "3-distill"] and again == first
 
 
+def _report(acc_before, acc_after, inner_before=0.05, inner_after=0.03):
+    return {"val": {"teacher_acc": {"before": acc_before, "after": acc_after}, "inner": {"before": inner_before, "after": inner_after}}}
+
+
+def test_adaptation_check_states_both_numbers_and_the_tolerance():
+    from gapkd.pipeline_aid import AIDOptions, adaptation_check
+
+    check = adaptation_check(_report(60.0, 59.5), AIDOptions())
+    assert check["within_tolerance"] and check["teacher_drop"] == pytest.approx(0.5) and check["max_teacher_drop"] == 1.0
+    assert check["inner_change_percent"] == pytest.approx(-40.0)
+    assert "0.0500 -> 0.0300 (-40.0%)" in check["message"] and "60.00% -> 59.50%" in check["message"]
+    assert adaptation_check(_report(60.0, 59.0), AIDOptions())["within_tolerance"]  # exactly at the tolerance
+    over = adaptation_check(_report(60.0, 58.5), AIDOptions())
+    assert not over["within_tolerance"] and "lost 1.50 points" in over["message"] and "aid.max_teacher_drop=1" in over["message"]
+    assert "lower aid.beta or aid.adapt_lr" in over["message"]
+    assert adaptation_check(_report(60.0, 58.5), AIDOptions(max_teacher_drop=2))["within_tolerance"]
+    assert adaptation_check(_report(60.0, 65.0), AIDOptions(max_teacher_drop=0))["within_tolerance"]  # a gain is fine
+    assert adaptation_check({"test": {}}, AIDOptions())["within_tolerance"]  # no validation split: nothing to check
+
+
+def test_pipeline_stops_when_the_teacher_drops_too_much_and_warn_goes_on(digits_teacher, monkeypatch, capsys):
+    """The adapted teacher's validation accuracy is lowered by 5 points in its report: with the default action
+    the pipeline stops before distilling, keeping the finished stages; with on_teacher_drop=warn it distils
+    from the same adapted teacher (the check options do not change the pipeline's folder)."""
+    import gapkd.pipeline_aid as pipeline_aid
+    from gapkd.pipeline_aid import AdaptationError, aid
+
+    real = pipeline_aid.adapted_teacher_report
+
+    def worse(*args, **kwargs):
+        report = copy.deepcopy(real(*args, **kwargs))
+        report["val"]["teacher_acc"]["after"] = report["val"]["teacher_acc"]["before"] - 5.0
+        return report
+
+    monkeypatch.setattr(pipeline_aid, "adapted_teacher_report", worse)
+    overrides = _pipeline_overrides(digits_teacher, "dropped", max_teacher_drop=1.0)
+    with pytest.raises(AdaptationError, match=r"lost 5\.00 points.*aid\.max_teacher_drop=1"):
+        aid(overrides=overrides, echo=False)
+    root = digits_teacher[0]["out_dir"] + "/dropped"
+    assert json.loads(open(f"{root}/2-adapt/summary.json").read())["epochs"] == 1  # the finished stages are kept
+    assert not (Path(root) / "3-distill").exists()
+    assert "teacher top-1" in capsys.readouterr().err  # the verdict is printed even when quiet
+    with pytest.warns(UserWarning, match="lost 5.00 points"):
+        summary = aid(overrides=_pipeline_overrides(digits_teacher, "dropped", max_teacher_drop=1.0, on_teacher_drop="warn"), echo=False)
+    assert summary["dir"] == root and not summary["adaptation"]["within_tolerance"]
+    assert summary["adaptation"]["teacher_drop"] == pytest.approx(5.0)
+    assert (Path(root) / "3-distill" / "summary.json").is_file()
+
+
 def test_pipeline_with_a_given_reference_and_bad_options(digits_teacher):
     from gapkd.errors import ConfigError
     from gapkd.pipeline_aid import aid, parse_aid_config, pipeline_dir_for, stage_configs
@@ -351,6 +515,14 @@ def test_pipeline_with_a_given_reference_and_bad_options(digits_teacher):
         parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", bta=1.0))
     with pytest.raises(ConfigError, match="aid.adapt_epochs"):
         parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", adapt_epochs=0))
+    with pytest.raises(ConfigError, match="aid.max_teacher_drop"):
+        parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", max_teacher_drop=-1))
+    with pytest.raises(ConfigError, match=r"aid.on_teacher_drop.*'error' or 'warn'"):
+        parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", on_teacher_drop="stop"))
+    with pytest.raises(ConfigError, match=r"aid.class_means.*'running' or 'batch'"):
+        parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", class_means="ema"))
+    with pytest.raises(ConfigError, match="aid.running_decay"):
+        parse_aid_config(overrides=_pipeline_overrides(digits_teacher, "x", running_decay=1.5))
     with pytest.raises(ConfigError, match="aid.reference_checkpoint=ref.pt does not exist"):
         aid(overrides=overrides, echo=False)
     bad = _pipeline_overrides(digits_teacher, "x")

@@ -53,3 +53,32 @@ def test_teacher_cache_benchmark_times_runs_with_and_without_the_cache(tmp_path)
     assert result["study_cache"] == {"built": 1, "hit": 1} and result["study_runs"] == 2
     assert abs(result["single_speedup"] - result["single_no_cache_s"] / result["single_cached_s"]) < 1e-9
     assert result["cache_bytes"] > 0
+
+
+def test_study_cost_multiplies_each_kind_of_run_out(tmp_path):
+    study = tmp_path / "tiny.yaml"
+    study.write_text(
+        "name: tiny-cost\n"
+        "base: {data: {name: digits, train_subset: 200, test_subset: 60, batch_size: 32, augment: {crop_padding: 1, flip: false}},"
+        " train: {device: cpu, amp: 'off'}}\n"
+        "teacher_config: {train: {epochs: 2}}\nstudent_config: {train: {epochs: 1}}\n"
+        "pairs: [{teacher: resnet14, student: resnet8}]\n"
+        "methods: {scratch: {name: ce}, kd: {points: [{temperature: 2.0}, {temperature: 4.0}]},"
+        " takd: {name: kd, pipeline: takd, pipeline_options: {assistant: resnet8}}}\n"
+        "seeds: [0, 1]\ntuning: {seed: 9}\n")
+    out = tmp_path / "cost.json"
+    _run("study_cost.py", str(study), "--steps", "1", "--rounds", "1", "--json", str(out), cwd=REPO / "benchmarks")
+    report = json.loads(out.read_text())
+    kinds = {row["kind"].rsplit(" #", 1)[0]: row for row in report["kinds"]}
+    # 1 teacher; scratch 2; kd: 2 tuning runs (one per point) + 2 evaluation runs at the first point; takd 2 (two stages each)
+    assert report["runs"] == 1 + 2 + 4 + 2
+    assert kinds["ce resnet14"]["runs"] == 1 and kinds["ce resnet8"]["runs"] == 2
+    assert kinds["kd resnet14->resnet8"]["runs"] + kinds["kd resnet8->resnet8"]["runs"] >= 2
+    assert sum(row["runs"] for row in report["kinds"]) == 1 + 2 + 4 + 2 * 2
+    for row in report["kinds"]:
+        images = row["images"]
+        assert images["train"] > images["val"] > 0 and images["test"] == 60 and row["batch"] == 32
+        steps = -(-images["train"] // 32)
+        expected = row["epochs"] * (steps * row["step_s"] + (images["val"] + images["test"]) / 32 * row["eval_batch_s"])
+        assert abs(row["run_s"] - expected) < 1e-9 and abs(row["all_s"] - row["runs"] * row["run_s"]) < 1e-9
+    assert abs(report["total_hours"] * 3600 - sum(row["all_s"] for row in report["kinds"])) < 1e-6

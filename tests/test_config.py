@@ -25,7 +25,8 @@ def test_impossible_values_are_named():
 def test_method_hparams_are_validated_and_filled():
     cfg = build_config({"student": {"name": "resnet8"}, "teacher": {"name": "resnet20", "checkpoint": "t.pt"}},
                        overrides=["method.name=KD", "method.temperature=2"])
-    assert cfg.method.name == "kd" and cfg.method.hparams == {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert cfg.method.name == "kd" and cfg.method.hparams == {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 0.9,
+                                                                "logit_standardize": False}
     with pytest.raises(ConfigError, match="Did you mean 'temperature'"):
         build_config({"student": {"name": "resnet8"}, "teacher": {"name": "resnet20", "checkpoint": "t.pt"}},
                      overrides=["method.name=kd", "method.temprature=2"])

@@ -1,5 +1,4 @@
 import gzip
-import hashlib
 import pickle
 
 import numpy as np

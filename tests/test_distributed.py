@@ -285,7 +285,8 @@ def test_every_trainable_parameter_gets_a_gradient_each_step(name):
     distiller = cls(make(), make() if cls.needs_teacher else None, task=task, **extra).train()
     for epoch in (0, 9):  # early and late: warm-ups and schedules inside methods
         distiller.zero_grad(set_to_none=True)
-        out = distiller(torch.randn(6, 1, 8, 8), torch.arange(6), StepInfo(epoch, epoch * 4, 10, 4, torch.arange(6)))
+        strong = torch.randn(6, 1, 8, 8) if getattr(cls, "needs_strong_view", False) else None  # mlkd's second view
+        out = distiller(torch.randn(6, 1, 8, 8), torch.arange(6), StepInfo(epoch, epoch * 4, 10, 4, torch.arange(6), strong))
         sum(out.losses.values()).backward()
         unused = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]
         assert unused == [], f"{name}: {unused[:5]}"

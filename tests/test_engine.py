@@ -109,9 +109,9 @@ def test_distill_from_a_trained_teacher(tiny_overrides):
 
 
 def test_teacher_of_wrong_class_count_is_refused(tiny_overrides, tmp_path):
+    from gapkd.engine.checkpoint import atomic_save
     from gapkd.engine.trainer import deployable_payload
     from gapkd.errors import CheckpointError
-    from gapkd.engine.checkpoint import atomic_save
     from gapkd.models import create_model
 
     cfg = build_config(tiny_overrides, overrides=["student.name=resnet14"])
@@ -123,7 +123,7 @@ def test_teacher_of_wrong_class_count_is_refused(tiny_overrides, tmp_path):
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import gapkd.engine.trainer as trainer
+    import gapkd.engine.runtime as trainer  # where the runtime is resolved (gapkd.engine.trainer re-exports it)
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native, expected in ((True, "bf16"), (False, "off")):

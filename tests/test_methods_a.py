@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gapkd.api import run, run_dir_for
 from gapkd.config import build_config
@@ -18,7 +17,7 @@ from gapkd.engine.trainer import deployable_payload
 from gapkd.errors import ConfigError
 from gapkd.methods import METHODS, StepInfo, TaskInfo
 from gapkd.methods.ce import CrossEntropy
-from gapkd.models import MODELS, create_model
+from gapkd.models import create_model
 from gapkd.testing import FixedLogits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,20 +284,25 @@ EXTRA_PARAMETERS = {"ctkd": "temperature.", "fitnet": "regressor.", "feature-kd"
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_gradients_reach_exactly_the_trained_parameters_and_the_teacher_never_changes(name):
-    from gapkd.config import OptimConfig
-
     student, teacher = _models("resnet8", "resnet8x4")
     method = METHODS.get(name)(student, teacher, task=TASK16)
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trained = {id(p) for g in method.param_groups() for p in g["params"]}
     named = dict(method.named_parameters())
     expected = {n for n in named if n.startswith("student.") or (name in EXTRA_PARAMETERS and n.startswith(EXTRA_PARAMETERS[name]))}
     assert {n for n, p in named.items() if id(p) in trained} == expected
     assert name not in EXTRA_PARAMETERS or any(n.startswith(EXTRA_PARAMETERS[name]) for n in expected)
+    assert_three_steps_train_exactly(method, teacher, expected, *_batch(8))
 
+
+def assert_three_steps_train_exactly(method, teacher, expected: set[str], x, y):
+    """Three optimiser steps: the first step's gradients reach exactly the parameters named in ``expected``
+    (and nothing else), and the teacher stays in eval mode with bit-identical weights and statistics."""
+    from gapkd.config import OptimConfig
+
+    named = dict(method.named_parameters())
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     optimizer = build_optimizer(method.param_groups(), OptimConfig(lr=0.05, weight_decay=5e-4))
     method.train()
-    x, y = _batch(8)
     for step in range(3):
         out = method(x, y, StepInfo(epoch=step + 5, step=step, epochs=10, steps_per_epoch=1))
         optimizer.zero_grad()
@@ -362,7 +366,8 @@ def test_end_to_end_on_digits_clips_and_trains_every_param_group(name, tiny_over
     assert {k[len("loss/"):] for k in record if k.startswith("loss/")} == LOSS_NAMES[name]
     assert all(math.isfinite(record[f"loss/{k}"]) for k in LOSS_NAMES[name])
     every_group_param = {id(p) for g in built["groups"] for p in g["params"]}
-    assert clipped and all(ids == every_group_param for ids in clipped)
+    # train.grad_clip_mode=per_group (the default since main's c2102bb) clips each group on its own: together, every one
+    assert clipped and set().union(*clipped) == every_group_param and all(ids <= every_group_param for ids in clipped)
     if name in EXTRA_PARAMETERS:  # the extra modules are in what is trained and clipped, and are saved for resume
         state = torch.load(run_dir_for(cfg) / "checkpoints" / "state.pt", weights_only=True)["model"]
         assert any(k.startswith(EXTRA_PARAMETERS[name]) for k in state)
@@ -377,35 +382,3 @@ def test_list_methods_verbose_shows_description_and_defaults(capsys):
         cls = METHODS.get(name)
         assert cls.describe() and cls.describe() in lines[name]
         assert str(cls.hparam_defaults()) in lines[name]
-
-
-# ---------------------------------------------------------------- recipes
-RECIPES = sorted((REPO / "configs").rglob("*.yaml"))
-
-
-def test_there_are_recipes_for_every_standard_pair_and_method():
-    for dataset in ("cifar100", "cifar10"):
-        for method in ("kd", "dkd", "dist", "fitnet", "at", "ctkd"):
-            assert (REPO / "configs" / dataset / "resnet32x4-resnet8x4" / f"{method}.yaml").is_file()
-    assert len(RECIPES) > 100
-
-
-@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(REPO / "configs")) for p in RECIPES])
-def test_every_recipe_validates(path):
-    import yaml
-
-    tree = yaml.safe_load(path.read_text())
-    missing = [tree[role]["name"] for role in ("student", "teacher") if tree.get(role) and tree[role]["name"] not in MODELS]
-    if missing:
-        pytest.skip(f"model(s) {missing} are not in the zoo yet (being added by another engineer)")
-    cfg = build_config(path=path)
-    assert cfg.method.name in METHODS
-
-
-def test_recipes_are_what_generate_py_writes(tmp_path):
-    import subprocess
-    import sys
-
-    subprocess.run([sys.executable, str(REPO / "configs" / "generate.py"), "--out", str(tmp_path)], check=True)
-    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
-    assert written and all((REPO / "configs" / p).read_text() == (tmp_path / p).read_text() for p in written)

@@ -105,7 +105,7 @@ def test_budgets_overlay_the_study_and_keys_ignore_locations():
     assert len(expand(tiny("smoke"))) == 1 + 2 + 4
     one = expand(tiny("one-seed"))
     assert [(r.role, r.method, r.seed) for r in one] == [("teacher", "teacher", 0), ("student", "scratch", 0), ("student", "kd", 0)]
-    assert one[2].hparams == {"temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.9}
+    assert one[2].hparams == {"temperature": 4.0, "ce_weight": 0.5, "kd_weight": 0.9, "logit_standardize": False}
     moved = expand(tiny("one-seed"), {"data": {"root": "/elsewhere"}, "train": {"threads": 3}})
     assert [r.key for r in moved] == [r.key for r in one]  # where data lives and thread counts do not change a run
     assert expand(tiny("one-seed"), {"optim": {"lr": 0.1}})[0].key != one[0].key

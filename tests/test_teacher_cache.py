@@ -213,7 +213,7 @@ def test_topk_cache_keeps_the_top_logits_and_the_remaining_mass():
 
 def test_methods_declare_what_they_need_from_the_teacher():
     needs = {name: METHODS.get(name).teacher_need() for name in METHODS.names()}
-    for name in ("kd", "dkd", "dist", "ctkd", "logit-kd"):
+    for name in ("kd", "dkd", "dist", "ctkd", "logit-kd", "aid-adapt", "nkd", "wttm"):
         assert needs[name] == "logits" and METHODS.get(name).uses_teacher_cache()
     assert needs["ce"] == "none" and needs["fitnet"] == "features" and not METHODS.get("fitnet").uses_teacher_cache()
     assert needs["dfpt-kd"] == "features" and METHODS.get("dfpt-kd").uses_teacher_cache()

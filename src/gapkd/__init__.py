@@ -2,13 +2,13 @@
 
 The Python API mirrors the ``gapkd`` command: :func:`train`, :func:`distill`, :func:`evaluate`,
 :func:`export`, :func:`check_data` (``gapkd data check``) and :class:`Study` (``gapkd study``)."""
-__version__ = "0.1.0"
-
-from .api import check_data, distill, evaluate, evaluate_checkpoint, run, train  # noqa: E402
-from .config import RunConfig, build_config  # noqa: E402
-from .deploy import export  # noqa: E402
-from .models import create_model, list_models, load_checkpoint, wrap_model  # noqa: E402
-from .study.study import Study  # noqa: E402
+from .api import check_data, distill, evaluate, evaluate_checkpoint, model_from_checkpoint, run, train
+from .config import RunConfig, build_config
+from .core.rundir import RunDir
+from .core.version import __version__
+from .deploy import export
+from .models import create_model, list_models, load_checkpoint, wrap_model
+from .study.study import Study
 
 __all__ = ["__version__", "train", "distill", "evaluate", "export", "check_data", "Study", "run", "evaluate_checkpoint", "RunConfig",
-           "build_config", "create_model", "list_models", "load_checkpoint", "wrap_model"]
+           "RunDir", "build_config", "create_model", "list_models", "load_checkpoint", "model_from_checkpoint", "wrap_model"]

@@ -15,12 +15,70 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, suggest
-from .plugins import import_plugins, plugin_list, with_command_line_plugins
+from .core.errors import ConfigError, suggest
+from .core.plugins import import_plugins, plugin_list, with_command_line_plugins
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+#: How a field counts in a run's identity, marked on the field itself (``identity(...)``). Two identities:
+#: ``run_hash`` (:meth:`RunConfig.hparams_hash`: a run directory's config hash, which resume and the
+#: default run name check) and ``study_key`` (:func:`gapkd.study.run_key`: a study run across machines).
+#: Each is "always" (the default: the value changes the result), "never" (where files go, what is
+#: logged: not part of the run), "when-set" (added after runs existed: hashed only when it differs
+#: from its default, so every earlier run keeps its hash) or "file-name" (a path hashed by its file
+#: name alone: where a file lies on one machine is not part of the run).
+IDENTITY_MARKS = ("always", "never", "when-set", "file-name")
+
+
+def identity(run_hash: str = "always", study_key: str = "always") -> dict[str, Any]:
+    """The ``json_schema_extra`` that marks a field's part in the run hash and the study key."""
+    assert run_hash in IDENTITY_MARKS and study_key in IDENTITY_MARKS
+    return {"identity": {"run_hash": run_hash, "study_key": study_key}}
+
+
+def identity_payload(model: BaseModel, which: str, dumped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``model`` as JSON (``model_dump(mode="json")``) with each field kept, dropped or kept-when-set
+    by its ``which`` mark (run_hash or study_key); nested sections follow their own fields' marks."""
+    dumped = model.model_dump(mode="json") if dumped is None else dumped
+    payload = {}
+    for name, info in type(model).model_fields.items():
+        mark = ((info.json_schema_extra or {}).get("identity") or {}).get(which, "always")
+        if mark == "never" or (mark == "when-set" and dumped[name] == _json(info.get_default(call_default_factory=True))):
+            continue
+        value = getattr(model, name)
+        if mark == "file-name" and dumped[name] is not None:
+            payload[name] = Path(dumped[name]).name
+        elif isinstance(value, MethodConfig):
+            payload[name] = _method_identity(dumped[name], which)
+        else:
+            payload[name] = identity_payload(value, which, dumped[name]) if isinstance(value, _Strict) else dumped[name]
+    return payload
+
+
+def _method_identity(dumped: dict[str, Any], which: str) -> dict[str, Any]:
+    """The method section as hashed: a hyper-parameter its dataclass marks "when-set"
+    (``gapkd.methods.base.added_later``) is left out while it holds its default."""
+    from .methods import METHODS  # the methods own their hyper-parameter schemas
+
+    if dumped.get("name") not in METHODS:
+        return dumped
+    fields = getattr(METHODS.get(dumped["name"]).Hparams, "__pydantic_fields__", {})
+    out = {}
+    for key, value in dumped.items():
+        info = fields.get(key)
+        mark = ((info.json_schema_extra or {}).get("identity") or {}).get(which, "always") if info is not None else "always"
+        if mark == "when-set" and value == _json(info.get_default(call_default_factory=True)):
+            continue
+        out[key] = value
+    return out
+
+
+def _json(value: Any) -> Any:
+    """A plain value as model_dump(mode="json") writes it (tuples as lists)."""
+    return json.loads(json.dumps(value, default=str)) if not isinstance(value, BaseModel) else value.model_dump(mode="json")
 
 
 class AugmentConfig(_Strict):
@@ -30,14 +88,19 @@ class AugmentConfig(_Strict):
 
     crop_padding: int = Field(4, ge=0, description="zero padding before the random crop (0 = no crop); in-memory datasets")
     flip: bool = Field(True, description="random horizontal flip")
+    strong: bool = Field(
+        False, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="also give every training batch a strongly augmented view of the same images (its own crop and flip, "
+        "then RandAugment with 2 operations and Cutout, as FixMatch and MLKD), batched on the device and seeded; methods read it "
+        "as StepInfo.strong_images (mlkd needs it); in-memory datasets",
+    )
     scale: tuple[float, float] = Field(
-        (0.08, 1.0), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
+        (0.08, 1.0), json_schema_extra=identity(run_hash="when-set"), description="area fraction range of the random-resized crop (ImageNet standard 0.08..1); streaming datasets"
     )
     ratio: tuple[float, float] = Field(
-        (3 / 4, 4 / 3), description="aspect ratio range of the random-resized crop (log-uniform); streaming datasets"
+        (3 / 4, 4 / 3), json_schema_extra=identity(run_hash="when-set"), description="aspect ratio range of the random-resized crop (log-uniform); streaming datasets"
     )
     eval_crop_fraction: float = Field(
-        0.875, gt=0, le=1, description="evaluation resizes the shorter side to image_size / this, then center-crops "
+        0.875, gt=0, le=1, json_schema_extra=identity(run_hash="when-set"), description="evaluation resizes the shorter side to image_size / this, then center-crops "
         "image_size (224/256 = 0.875); streaming datasets",
     )
 
@@ -52,8 +115,8 @@ class AugmentConfig(_Strict):
 
 class DataConfig(_Strict):
     name: str = Field("digits", description="dataset name (gapkd list datasets)")
-    root: Optional[str] = Field(None, description="data root; default $GAPKD_DATA, then ~/.cache/gapkd/data")
-    path: Optional[str] = Field(None, description="explicit folder or tarball (image-folder datasets)")
+    root: Optional[str] = Field(None, json_schema_extra=identity(study_key="never"), description="data root; default $GAPKD_DATA, then ~/.cache/gapkd/data")
+    path: Optional[str] = Field(None, json_schema_extra=identity(study_key="file-name"), description="explicit folder or tarball (image-folder datasets)")
     verify: bool = Field(True, description="check official files against their published checksums")
     download: bool = Field(False, description="download missing official files (needs a network)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for validation (stratified)")
@@ -64,28 +127,28 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(512, ge=1)
     drop_last: bool = Field(False, description="drop the last incomplete training batch")
     image_size: Optional[int] = Field(
-        None, ge=8, description="side of the square images a streaming dataset (imagenet, cub200, image-folder-stream) "
+        None, ge=8, json_schema_extra=identity(run_hash="when-set"), description="side of the square images a streaming dataset (imagenet, cub200, image-folder-stream) "
         "yields; default 224. In-memory datasets keep their own size and reject this key",
     )
     workers: Optional[int] = Field(
-        None, ge=0, description="worker processes decoding images for streaming datasets; default min(8, CPU cores); "
+        None, ge=0, json_schema_extra=identity(run_hash="never"), description="worker processes decoding images for streaming datasets; default min(8, CPU cores); "
         "0 decodes in the training process. Batches do not depend on it",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     views: int = Field(
-        0, ge=0, description="0 = fresh random augmentation every step; K > 0 = each training image has K augmentations fixed by "
+        0, ge=0, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="0 = fresh random augmentation every step; K > 0 = each training image has K augmentations fixed by "
         "(data.view_seed, sample, view) and each epoch shows one of them (every view once per K epochs, in an order drawn from "
         "the run's seed). With K > 0 the frozen teacher's logits on every view are computed once and cached "
         "(data.teacher_cache), so logit methods skip the teacher's forward (docs/teacher-cache.md)",
     )
-    view_seed: int = Field(0, description="seed of the K fixed views (shared by the runs of a study so they share one teacher cache)")
+    view_seed: int = Field(0, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="seed of the K fixed views (shared by the runs of a study so they share one teacher cache)")
     teacher_cache: bool = Field(
-        True, description="with data.views > 0: cache the teacher's logits on every view (and on val/test) under "
+        True, json_schema_extra=identity(run_hash="never", study_key="never"), description="with data.views > 0: cache the teacher's logits on every view (and on val/test) under "
         "data.teacher_cache_dir; off = recompute the teacher on the same views every step (same result)",
     )
-    teacher_cache_dir: Optional[str] = Field(None, description="where teacher caches live; default $GAPKD_CACHE/teacher-logits")
+    teacher_cache_dir: Optional[str] = Field(None, json_schema_extra=identity(run_hash="never", study_key="never"), description="where teacher caches live; default $GAPKD_CACHE/teacher-logits")
     teacher_cache_topk: Optional[int] = Field(
-        None, ge=1, description="keep only the top-k logits per view (FKD-style, for >= 1000 classes); the rest are filled so "
+        None, ge=1, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="keep only the top-k logits per view (FKD-style, for >= 1000 classes); the rest are filled so "
         "that they share the remaining probability mass at temperature 1 (an approximation: docs/teacher-cache.md)",
     )
 
@@ -102,7 +165,7 @@ class ModelConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="weights to start from (required for a teacher)")
     options: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the model factory")
     init_head: Literal["load", "reset"] = Field(
-        "load", description="the classifier's weights: 'load' takes them from checkpoint like every other weight (its class "
+        "load", json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="the classifier's weights: 'load' takes them from checkpoint like every other weight (its class "
         "count must be the data's); 'reset' loads every other weight exactly and keeps the classifier freshly initialised for "
         "the data's classes, to start from weights trained on another label set (e.g. ImageNet's). A student's option: a "
         "distillation teacher's classifier gives the targets, so train the teacher first (gapkd train, where it is the student)",
@@ -141,7 +204,7 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0, description="max gradient norm (of each parameter group, or of all "
                                        "of them together: train.grad_clip_mode)")
     grad_clip_mode: Literal["per_group", "global"] = Field(
-        "per_group", description="per_group: the student and each auxiliary network a method trains (prompt path, "
+        "per_group", json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="per_group: the student and each auxiliary network a method trains (prompt path, "
         "projector, embedding) are clipped separately, so a large auxiliary gradient cannot shrink the student's update; "
         "global: one norm over all trained parameters (the same for methods that train only the student)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
@@ -152,11 +215,11 @@ class TrainConfig(_Strict):
         False, description="torch.compile the training forward (true = the inductor backend, or a backend name); "
         "compiling takes about a minute on CPU, so it pays off on long runs only")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode when train.compile is on: reduce-overhead replays the step as CUDA graphs "
+        "default", json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="torch.compile mode when train.compile is on: reduce-overhead replays the step as CUDA graphs "
         "(removes per-kernel launch cost on GPUs, where small CIFAR models are launch-bound), max-autotune also searches "
         "kernel configurations (long first epoch)")
     fold_teacher_bn: bool = Field(
-        True, description="fold the frozen teacher's BatchNorm into its convolutions (same outputs up to rounding, faster)")
+        True, json_schema_extra=identity(run_hash="when-set"), description="fold the frozen teacher's BatchNorm into its convolutions (same outputs up to rounding, faster)")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -171,47 +234,54 @@ class TrainConfig(_Strict):
                              f"{self.compile}: set train.compile=true")
         return self
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU holds without it)")
-    log_every: int = Field(50, ge=1, description="steps between progress updates")
+    log_every: int = Field(50, ge=1, json_schema_extra=identity(run_hash="never", study_key="never"), description="steps between progress updates")
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/Inf loss: stop, or skip the step and count it")
-    threads: Optional[int] = Field(None, ge=1, description="CPU threads (torch.set_num_threads)")
+    threads: Optional[int] = Field(None, ge=1, json_schema_extra=identity(study_key="never"), description="CPU threads (torch.set_num_threads)")
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints (the last epoch always saves)")
     diagnostics: bool = Field(
-        False, description="log the KD-loss decomposition (diag/kd, diag/class, diag/inner, diag/tckd, diag/nckd, ...) of teacher "
+        False, json_schema_extra=identity(run_hash="never"), description="log the KD-loss decomposition (diag/kd, diag/class, diag/inner, diag/tckd, diag/nckd, ...) of teacher "
         "vs student on the validation split each epoch, at the method's temperature (4 if it has none); runs with a teacher only",
     )
     tensorboard: bool = Field(
-        False, description="also write every metrics.jsonl record's numbers to run_dir/tensorboard "
+        False, json_schema_extra=identity(run_hash="never"), description="also write every metrics.jsonl record's numbers to run_dir/tensorboard "
         '(needs pip install "gapkd[tensorboard]")',
     )
 
 
-def omit_later_defaults(payload: dict[str, Any]) -> dict[str, Any]:
-    """A RunConfig's JSON dump without the keys added after runs and studies existed, where they hold
-    their defaults (empty ``plugins``, ``compile_mode`` default, ``grad_clip_mode`` per_group, ``init_head`` load): hashed only when
-    set, so configs that do not set them keep their run hashes and study run keys (and resume)."""
-    if not payload.get("plugins"):
-        payload.pop("plugins", None)
-    for key, default in (("compile_mode", "default"), ("grad_clip_mode", "per_group")):
-        if payload.get("train", {}).get(key) == default:
-            del payload["train"][key]
-    for role in ("student", "teacher"):
-        if payload.get(role) is not None and payload[role].get("init_head") == "load":
-            del payload[role]["init_head"]
-    data = payload.get("data", {})
-    # where the teacher cache lives and whether it is used do not change the result (the same views either way)
-    for key in ("teacher_cache", "teacher_cache_dir"):
-        data.pop(key, None)
-    for key, default in (("views", 0), ("view_seed", 0), ("teacher_cache_topk", None)):
-        if key in data and data[key] == default:
-            del data[key]
-    return payload
+class RunSection(_Strict):
+    """``run.*``: where a run writes, never part of its identity. Stored as the top-level ``name`` and
+    ``out_dir`` that recipes and config.yaml files have always used (both spellings are accepted)."""
+
+    name: Optional[str] = Field(None, description="run directory name; default derived from the config and its hash")
+    out_dir: str = Field("runs", description="parent of run directories")
+
+
+def lift_run_section(tree: Any) -> Any:
+    """A config tree with its ``run:`` section moved to the top-level ``name`` / ``out_dir`` keys."""
+    if not isinstance(tree, dict) or "run" not in tree:
+        return tree
+    tree = dict(tree)
+    section = tree.pop("run")
+    if section is None:
+        return tree
+    choices = list(RunSection.model_fields)
+    if not isinstance(section, dict):
+        raise ConfigError(f"run must be a mapping of {', '.join(f'run.{c}' for c in choices)}, not {section!r}.")
+    for key, value in section.items():
+        if key not in choices:
+            raise ConfigError(f"run.{key}: unknown key.{suggest(key, choices)} Valid keys here: {', '.join(choices)}.")
+        if key in tree and tree[key] != value:
+            raise ConfigError(f"run.{key}={value!r} and {key}={tree[key]!r} are both set; keep one (run.{key}).")
+        tree[key] = value
+    return tree
 
 
 class RunConfig(_Strict):
-    name: Optional[str] = Field(None, description="run directory name; default derived from the config")
-    out_dir: str = Field("runs", description="parent of run directories")
+    name: Optional[str] = Field(None, json_schema_extra=identity("never", "never"),
+                                description="run directory name (also spelled run.name); default derived from the config")
+    out_dir: str = Field("runs", json_schema_extra=identity("never", "never"), description="parent of run directories (also run.out_dir)")
     plugins: list[str] = Field(
-        default_factory=list, description="Python modules (mypkg.kd) or .py files (./my_method.py) that register "
+        default_factory=list, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="Python modules (mypkg.kd) or .py files (./my_method.py) that register "
         "methods, models or datasets; imported before the rest of the config is validated (docs/add-a-method.md)",
     )
     seed: int = 0
@@ -226,7 +296,9 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _import_plugins(cls, data: Any) -> Any:
-        """Plugins first: the method's hyper-parameters are validated against what they register."""
+        """Plugins first: the method's hyper-parameters are validated against what they register.
+        (And ``run.*`` lifted to the keys it is stored as.)"""
+        data = lift_run_section(data)
         if isinstance(data, dict) and "plugins" in data:
             data = {**data, "plugins": plugin_list(data["plugins"])}
             import_plugins(data["plugins"])
@@ -244,6 +316,9 @@ class RunConfig(_Strict):
                 f"method {self.method.name!r} needs a trained teacher: set teacher.name=... and teacher.checkpoint=PATH "
                 "(a checkpoint from `gapkd train`, or one from the RepDistiller/mdistiller zoos)."
             )
+        if getattr(cls, "needs_strong_view", False) and not self.data.augment.strong:
+            raise ConfigError(f"method {self.method.name!r} trains on a weak and a strong view of every batch: set "
+                              "data.augment.strong=true (the data pipeline then builds the strong view on the device).")
         if self.teacher is not None and self.teacher.init_head == "reset":
             raise ConfigError(
                 "teacher.init_head=reset: a distillation teacher's classifier gives the targets, so it must be trained for "
@@ -257,22 +332,15 @@ class RunConfig(_Strict):
         return self
 
     def hparams_hash(self) -> str:
-        """A short hash of everything that changes the result (not where it is written)."""
-        payload = self.model_dump(mode="json", exclude={"name", "out_dir"})
-        for key in ("log_every", "diagnostics", "tensorboard"):  # what is logged does not change the result
-            payload["train"].pop(key, None)
-        payload["data"].pop("workers", None)  # streamed batches are the same for any number of workers
-        # keys added later: hashed only when set, so earlier runs keep their hashes (and resume)
-        omit_later_defaults(payload)
-        if payload["data"]["image_size"] is None:
-            del payload["data"]["image_size"]
-        if payload["train"]["fold_teacher_bn"]:
-            del payload["train"]["fold_teacher_bn"]
-        augment = payload["data"]["augment"]
-        for key in ("scale", "ratio", "eval_crop_fraction"):
-            if augment[key] == AugmentConfig().model_dump(mode="json")[key]:
-                del augment[key]
+        """A short hash of everything that changes the result (not where it is written, not what is
+        logged): the fields marked by :func:`identity` (run_hash)."""
+        payload = identity_payload(self, "run_hash")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def run(self) -> "RunSection":
+        """Where the run writes: ``run.name`` and ``run.out_dir`` (the top-level ``name`` and ``out_dir``)."""
+        return RunSection(name=self.name, out_dir=self.out_dir)
 
     def default_name(self) -> str:
         teacher = f"{self.teacher.name}-" if self.teacher else ""
@@ -381,11 +449,11 @@ def build_config(
 ) -> RunConfig:
     """defaults <- ``base`` <- YAML file <- overrides, validated into a RunConfig. The ``plugins``
     it lists (and those given with ``gapkd --plugin``) are imported before anything else is validated."""
-    tree = copy.deepcopy(base or {})
+    tree = lift_run_section(copy.deepcopy(base or {}))
     if path is not None:
-        tree = merge(tree, read_yaml(path))
+        tree = merge(tree, lift_run_section(read_yaml(path)))
     if overrides:
-        tree = merge(tree, parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        tree = merge(tree, lift_run_section(parse_overrides(overrides) if isinstance(overrides, list) else overrides))
     plugins = with_command_line_plugins(plugin_list(tree.get("plugins")))
     if plugins:
         tree["plugins"] = plugins

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError, GapkdError, suggest
+from .core.errors import CheckpointError, ConfigError, GapkdError, suggest
+from .core.rundir import RunDir
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 CHECKPOINTS = ("best", "last")
@@ -61,15 +62,15 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
         ExportError: the exported outputs differ from PyTorch's by more than ``tolerance``.
         GapkdError: an optional package ONNX export needs is missing.
     """
-    from .api import load_model
+    from .build import load_model
     from .config import build_config
+    from .core.rundir import read_model_payload
     from .data import build_data
-    from .engine.checkpoint import safe_load
 
     fmt, ckpt, cfg_path = _check_request(run_dir, format, checkpoint, samples)
     if fmt == "onnx":
         _require(ONNX_PACKAGES, "ONNX export")
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     cfg = build_config(None, cfg_path, {"data": {"root": data_root}} if data_root else None)
     bundle = build_data(cfg.data, torch.device("cpu"), cfg.seed)
     images = _real_inputs(bundle, samples)
@@ -77,7 +78,7 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
     model = model.eval()
     with torch.no_grad():
         reference = model(images)
-    target = Path(out) if out is not None else run_dir / "export" / f"{Path(ckpt).stem}{FORMATS[fmt]}"
+    target = Path(out) if out is not None else run.export_dir / f"{Path(ckpt).stem}{FORMATS[fmt]}"
     target.parent.mkdir(parents=True, exist_ok=True)
     # written into a scratch folder beside the target and moved into place only once it checks out
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
@@ -97,7 +98,7 @@ def export(run_dir: str | os.PathLike, format: str = "onnx", out: str | os.PathL
             )
         for produced in Path(scratch).iterdir():  # the model file and, for large ONNX models, its .data file
             os.replace(produced, target.parent / produced.name)
-    payload = safe_load(ckpt)
+    payload = read_model_payload(ckpt)
     data = bundle.data
     result = {
         "path": str(target), "metadata": str(target) + ".json", "format": fmt, "checkpoint": str(ckpt), "model": name,
@@ -123,13 +124,13 @@ def _check_request(run_dir, format: str, checkpoint: str, samples: int) -> tuple
         raise ConfigError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}.")
     if samples < 1:
         raise ConfigError(f"samples must be at least 1, got {samples}.")
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    cfg_path = run.config
     if not cfg_path.is_file():
-        what = "does not exist" if not run_dir.exists() else "holds no config.yaml"
+        what = "does not exist" if not run.path.exists() else "holds no config.yaml"
         raise ConfigError(f"{run_dir} {what}, so it is not a gapkd run directory; pass the folder a `gapkd train` or "
                           "`gapkd distill` run wrote (e.g. runs/<name>).")
-    ckpt = run_dir / "checkpoints" / f"{checkpoint}.pt"
+    ckpt = run.checkpoint(checkpoint)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt} does not exist: the run has not finished an epoch yet"
                               + (" (or has not finished: last.pt is written at the end; use --checkpoint best)."

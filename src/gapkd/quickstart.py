@@ -5,10 +5,9 @@ Trains a teacher, a from-scratch student and distilled students on scikit-learn'
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from .api import run
 from .config import build_config
+from .core.rundir import RunDir
 from .data import load_dataset
 
 #: dataset -> (teacher, student, teacher epochs, student epochs, batch, lr, crop padding)
@@ -29,7 +28,7 @@ STUDENT_METHODS = [
 def quickstart(dataset: str = "digits", epochs: int | None = None, out_dir: str = "runs/quickstart", data_root: str | None = None) -> list[dict]:
     preset = PRESETS.get(dataset.lower())
     if preset is None:
-        from .errors import ConfigError
+        from .core.errors import ConfigError
 
         raise ConfigError(f"quickstart runs on {', '.join(PRESETS)}; got {dataset!r}.")
     student_epochs = epochs or preset["student_epochs"]
@@ -51,7 +50,7 @@ def quickstart(dataset: str = "digits", epochs: int | None = None, out_dir: str 
     })
     print(f"\n[1/{1 + len(STUDENT_METHODS)}] teacher {preset['teacher']} ({preset['teacher_epochs']} epochs)")
     rows.append(("teacher (ce)", preset["teacher"], run(teacher_cfg, echo=False, data=data)))
-    teacher_ckpt = str(Path(out_dir) / f"teacher_{preset['teacher']}" / "checkpoints" / "best.pt")
+    teacher_ckpt = str(RunDir.for_config(teacher_cfg).best)
     for number, (label, method) in enumerate(STUDENT_METHODS, start=2):
         overrides = {"name": f"student_{preset['student']}_{label}", "student": {"name": preset["student"]},
                      "method": method, "train": {"epochs": student_epochs}}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .data.core import cache_dir
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 FORMAT = 1
 META = "meta.json"
@@ -326,7 +326,7 @@ def attach(cfg, bundle, distiller, device: torch.device, amp_ctx, log: Callable[
     logits (built once; shared by every run of the same teacher, data and views). Returns what happened
     (``{"teacher_cache": "hit" | "built" | "rebuilt" | "off"}``, for summary.json and ``gapkd study status``;
     empty when no cache applies) and the cache."""
-    from .engine.trainer import resolve_amp, resolve_channels_last
+    from .engine.runtime import resolve_amp, resolve_channels_last
 
     if cfg.data.views == 0 or distiller.teacher is None or not type(distiller).uses_teacher_cache():
         return {}, None

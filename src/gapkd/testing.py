@@ -39,26 +39,3 @@ def write_image(path: str | Path, seed: int, size: tuple[int, int] = (40, 30), m
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).convert(mode).save(path, **save_options)
 
-
-def run_killed_then_resumed(cfg, monkeypatch, kill_after_state: int = 1) -> dict:
-    """Run ``cfg`` as if killed right after its ``kill_after_state``-th epoch checkpoint (state.pt), then run
-    the same config again (it resumes); returns the resumed run's summary. ``monkeypatch``: pytest's."""
-    import pytest
-
-    from .api import run
-    from .engine import trainer
-
-    real_save, saved = trainer.atomic_save, {"states": 0}
-
-    def crash_after_state(obj, path):
-        real_save(obj, path)
-        if str(path).endswith("state.pt"):
-            saved["states"] += 1
-            if saved["states"] == kill_after_state:
-                raise KeyboardInterrupt  # as if killed right after this checkpoint
-
-    monkeypatch.setattr(trainer, "atomic_save", crash_after_state)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, echo=False)
-    monkeypatch.setattr(trainer, "atomic_save", real_save)
-    return run(cfg, echo=False)

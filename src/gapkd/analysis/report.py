@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .decomposition import decompose, spread_per_class
+from ..methods.decomposition import decompose, spread_per_class
 from .metrics import accuracy, expected_calibration_error, top1_agreement
 
 

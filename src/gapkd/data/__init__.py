@@ -8,12 +8,12 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..registry import Registry
+from ..core.errors import ConfigError, DataError
+from ..core.registry import Registry
+from . import sources, streaming, views
 from .core import ImageData, Split, cache_dir, check_labels, resolve_data_root, stratified_holdout, subsample
 from .loader import Batch, DeviceLoader, Normalizer
 from .streaming import DEFAULT_IMAGE_SIZE, FileSplit, FolderData, StreamingLoader
-from . import sources, streaming, views
 
 #: name -> reader(root: Path, config: DataConfig) -> ImageData
 DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")
@@ -144,6 +144,9 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
     train, val, test = split_data(data, cfg, seed)
     normalizer = Normalizer(data.mean, data.std, device, channels_last)
     if isinstance(data, FolderData):
+        if cfg.augment.strong:
+            raise DataError(f"data.augment.strong (a strongly augmented second view, batched on the device) works with in-memory "
+                            f"datasets; {cfg.name} streams from disk. Drop data.augment.strong, or use a method without a strong view.")
         augment, workers = cfg.augment, cfg.workers if cfg.workers is not None else min(8, os.cpu_count() or 1)
         make = lambda split, train_mode, batch: StreamingLoader(  # noqa: E731
             split, batch, normalizer, device, train=train_mode, size=data.image_size, seed=seed, scale=augment.scale,
@@ -154,6 +157,7 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
         make = lambda split, train_mode, batch: DeviceLoader(  # noqa: E731
             split, batch, normalizer, device, train=train_mode, seed=seed,
             crop_padding=cfg.augment.crop_padding, flip=cfg.augment.flip, drop_last=cfg.drop_last and train_mode,
+            strong=cfg.augment.strong,
         )
     if cfg.views > 0:  # fixed augmented views (gapkd.data.views)
         make_train = views.fixed_view_loader(cfg, data, train, normalizer, device, seed, make)

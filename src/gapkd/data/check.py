@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from .streaming import FolderData, decode_rgb, tolerate_layout_problems
 
 #: unreadable files named one by one in a report (all are counted)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .core import Split
+from .strong_augment import apply_strong, slice_draws, strong_draws, strong_generator
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Batch:
     # weight of this process's loss so that averaging gradients over processes gives the gradient of
     # the global batch's mean loss: (samples in this slice) * world_size / (samples in the global batch)
     weight: float = 1.0
+    # a second, strongly augmented view of the same samples (data.augment.strong), else None
+    strong_images: Tensor | None = None
     views: Tensor | None = None  # with data.views=K: the fixed view (0..K-1) each sample shows (gapkd.data.views)
     teacher_logits: Tensor | None = None  # the frozen teacher's cached logits on exactly these views (gapkd.teacher_cache)
 
@@ -116,6 +119,7 @@ class DeviceLoader:
         crop_padding: int = 0,
         flip: bool = False,
         drop_last: bool = False,
+        strong: bool = False,
     ):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
@@ -128,6 +132,7 @@ class DeviceLoader:
         self.crop_padding = crop_padding
         self.flip = flip
         self.drop_last = drop_last and len(split) >= batch_size
+        self.strong = strong and train  # also yield Batch.strong_images (see strong_view)
 
     @property
     def num_samples(self) -> int:
@@ -158,13 +163,17 @@ class DeviceLoader:
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         generator = epoch_generator(self.seed, epoch, self.device)
         order = torch.randperm(self.num_samples, device=self.device, generator=generator) if self.train else None
+        strong_draw = strong_generator(self.seed, epoch, self.device) if self.strong else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             size = min(self.batch_size, self.num_samples - start)
             mine = shard_slice(size, self.rank, self.world_size)
             rows = order[start:start + size][mine] if order is not None else slice(start + mine.start, start + mine.stop)
-            images = self.augment(self.images[rows], rows, size, mine, generator, epoch) if self.train else self.images[rows]
+            images = source = self.images[rows]
+            if self.train:
+                images = self.augment(images, rows, size, mine, generator, epoch)
             weight = (mine.stop - mine.start) * self.world_size / size if self.world_size > 1 else 1.0
-            yield self.annotate(Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight), rows, epoch)
+            strong = self.normalize(self.strong_view(source, size, mine, strong_draw)) if self.strong else None
+            yield self.annotate(Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight, strong), rows, epoch)
 
     def augment(self, images: Tensor, rows, size: int, mine: slice, generator: torch.Generator, epoch: int) -> Tensor:
         """Random crop and flip, drawn for the whole global batch of ``size`` so that each slice gets its own part of them."""
@@ -178,6 +187,16 @@ class DeviceLoader:
     def annotate(self, batch: Batch, rows, epoch: int) -> Batch:
         """What a subclass adds to a batch (the fixed views' ids and cached teacher logits: gapkd.data.views)."""
         return batch
+
+    def strong_view(self, images: Tensor, size: int, mine: slice, generator: torch.Generator) -> Tensor:
+        """The strong view of a (slice of a) global batch of ``size``: its own crop and flip, then RandAugment
+        and Cutout (:mod:`.strong_augment`), drawn from ``generator`` (the strong view's own) for the whole global batch."""
+        if self.crop_padding > 0:
+            dy, dx = crop_offsets(size, self.crop_padding, generator)
+            images = crop(images, self.crop_padding, dy[mine], dx[mine])
+        if self.flip:
+            images = flip_where(images, flip_draws(size, generator)[mine])
+        return apply_strong(images, slice_draws(strong_draws(size, generator), mine))
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .core import ImageData, cache_dir, channel_stats, make_split, stratified_holdout
 
 # ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DataError
+from ..core.errors import DataError
 from .core import ImageData
 from .loader import Batch, Normalizer, epoch_generator, shard_slice
 from .views import ViewSpec, cached_logits, epoch_views, view_rng

@@ -1,5 +1,5 @@
 """The one training loop, optimisers and schedules, checkpoints and run logging."""
-from .checkpoint import atomic_save, safe_load
+from ..core.io import atomic_save, safe_load
 from .trainer import FitResult, evaluate, fit
 
 __all__ = ["FitResult", "atomic_save", "evaluate", "fit", "safe_load"]

@@ -7,7 +7,6 @@ import math
 
 import torch
 
-
 #: keys of a method's param group that the optimiser and schedule read, beyond torch's own
 GROUP_KEYS = ("params", "lr_mult", "wd_mult", "warmup_epochs")
 

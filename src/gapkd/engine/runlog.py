@@ -18,7 +18,7 @@ def tensorboard_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from ..errors import ConfigError
+        from ..core.errors import ConfigError
 
         raise ConfigError(
             'train.tensorboard=true needs the tensorboard package: pip install "gapkd[tensorboard]" '
@@ -94,7 +94,7 @@ def progress_bar(total: int, description: str, enabled: bool):
 
 
 def environment(device: torch.device) -> dict:
-    from .. import __version__
+    from ..core.version import __version__
 
     info = {
         "gapkd": __version__,

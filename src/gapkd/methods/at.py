@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Distiller, StepOutput, hparams, register_method
 from .losses import match_spatial
 
@@ -25,9 +25,12 @@ def attention_transfer_loss(student_feature: Tensor, teacher_feature: Tensor, p:
 
 @hparams
 class ATHparams:
-    beta: Annotated[float, Field(ge=0, description="weight of the attention loss summed over stages (paper's CIFAR: 1000)")] = 1000.0
-    p: Annotated[float, Field(gt=0, description="power of the activations in the attention map")] = 2.0
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+    beta: Annotated[float, Field(ge=0)] = 1000.0
+    """weight of the attention loss summed over stages (paper's CIFAR: 1000)"""
+    p: Annotated[float, Field(gt=0)] = 2.0
+    """power of the activations in the attention map"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
 
 
 @register_method("at", "attention-transfer")

@@ -6,14 +6,23 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import Tensor, nn
 
-from ..registry import Registry
+from ..core.registry import Registry
 
 #: Decorator for a method's hyper-parameter dataclass: validated, unknown keys refused.
-hparams = pydantic_dataclass(config=ConfigDict(extra="forbid"))
+#: The decorator of a method's hyper-parameter dataclass. Document each field with a one-line
+#: docstring under it (the one style; ``gapkd list methods -v`` prints them).
+hparams = pydantic_dataclass(config=ConfigDict(extra="forbid", use_attribute_docstrings=True))
+
+
+def added_later():
+    """The mark (``Annotated[bool, added_later()] = False``) of a hyper-parameter added after runs of its
+    method existed: part of a run's identity (run hash, study key) only when set to other than its
+    default, so earlier runs keep their hashes and resume (``gapkd.config.identity``'s "when-set")."""
+    return Field(json_schema_extra={"identity": {"run_hash": "when-set", "study_key": "when-set"}})
 
 
 @hparams
@@ -30,6 +39,7 @@ class StepInfo:
     epochs: int
     steps_per_epoch: int
     indices: Tensor | None = None  # stable sample ids of the batch (memory banks such as CRD's)
+    strong_images: Tensor | None = None  # the batch's strongly augmented view when data.augment.strong is on (MLKD)
     views: Tensor | None = None  # with data.views=K: the fixed view (0..K-1) of each sample (gapkd.data.views)
     teacher_logits: Tensor | None = None  # the frozen teacher's cached logits on exactly this batch (gapkd.teacher_cache)
 
@@ -86,6 +96,10 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     #: False for methods with per-sample state (memory banks) that DDP would not keep in step across processes
     supports_ddp: ClassVar[bool] = True
+    #: the named loss terms ``forward`` returns (each logged as ``loss/<name>``); ``gapkd list methods -v`` lists them
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    #: trainable modules the method adds beside the student, attribute name -> what it is (listed by ``gapkd list methods -v``)
+    extra_modules: ClassVar[dict[str, str]] = {}
     #: what the method needs from the teacher each step: "logits" (it calls :meth:`teacher_logits` and nothing
     #: else of the teacher, so with data.views > 0 the cached logits replace the teacher's forward), "features"
     #: (it runs the teacher), or "none" (no teacher). None: "features" when needs_teacher, else "none".
@@ -191,6 +205,15 @@ class Distiller(nn.Module):
     @classmethod
     def hparam_defaults(cls) -> dict[str, Any]:
         return {f.name: f.default for f in dataclasses.fields(cls.Hparams)}
+
+    @classmethod
+    def hparam_docs(cls) -> dict[str, str]:
+        """Each hyper-parameter's one-line docstring ('' where it has none)."""
+        def doc(name: str) -> str:  # a subclass's field keeps the docstring its base class gave it
+            found = (getattr(k, "__pydantic_fields__", {}).get(name) for k in cls.Hparams.__mro__)
+            return next((info.description for info in found if info is not None and info.description), "")
+
+        return {f.name: doc(f.name) for f in dataclasses.fields(cls.Hparams)}
 
 
 METHODS: Registry[type[Distiller]] = Registry("method")

@@ -12,6 +12,7 @@ from .base import Distiller, StepOutput, hparams, register_method
 @hparams
 class CEHparams:
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """epsilon of label smoothing: the target is (1 - epsilon) on the label plus epsilon spread over all classes"""
 
 
 @register_method("ce", "scratch", "baseline")

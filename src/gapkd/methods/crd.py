@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..engine import distributed
-from ..errors import ConfigError
+from ..core import distributed
+from ..core.errors import ConfigError
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 from .losses import kd_kl
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from .base import Distiller, StepOutput, hparams, register_method
-from .losses import kd_kl
+from .base import Distiller, StepOutput, added_later, hparams, register_method
+from .losses import kd_kl, maybe_standardize
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -58,12 +58,21 @@ def cosine_curriculum(epoch: int, lambda_max: float, lambda_epochs: int) -> floa
 
 @hparams
 class CTKDHparams:
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 0.1
-    kd_weight: Annotated[float, Field(ge=0, description="weight of tau^2 * KL(teacher || student) at the learned tau")] = 0.9
-    min_temperature: Annotated[float, Field(gt=0, description="lowest temperature the module can reach")] = 1.0
-    temperature_range: Annotated[float, Field(gt=0, description="tau lies in (min, min + range); official CIFAR: 1 + 20 sigmoid")] = 20.0
-    lambda_max: Annotated[float, Field(ge=0, description="final strength of the gradient reversal")] = 1.0
-    lambda_epochs: Annotated[int, Field(ge=0, description="epochs of the cosine curriculum from 0 to lambda_max")] = 10
+    ce_weight: Annotated[float, Field(ge=0)] = 0.1
+    """weight of cross-entropy on the labels"""
+    kd_weight: Annotated[float, Field(ge=0)] = 0.9
+    """weight of tau^2 * KL(teacher || student) at the learned tau"""
+    min_temperature: Annotated[float, Field(gt=0)] = 1.0
+    """lowest temperature the module can reach"""
+    temperature_range: Annotated[float, Field(gt=0)] = 20.0
+    """tau lies in (min, min + range); official CIFAR: 1 + 20 sigmoid"""
+    lambda_max: Annotated[float, Field(ge=0)] = 1.0
+    """final strength of the gradient reversal"""
+    lambda_epochs: Annotated[int, Field(ge=0)] = 10
+    """epochs of the cosine curriculum from 0 to lambda_max"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("ctkd", "curriculum-temperature")
@@ -87,6 +96,7 @@ class CTKD(Distiller):
         h = self.hparams
         tau = self.temperature(self.reversal_strength(step.epoch))
         return StepOutput(
-            {"ce": h.ce_weight * F.cross_entropy(logits, labels), "kd": h.kd_weight * kd_kl(logits, teacher_logits, tau)},
+            {"ce": h.ce_weight * F.cross_entropy(logits, labels),
+             "kd": h.kd_weight * kd_kl(*maybe_standardize(logits, teacher_logits, h.logit_standardize), tau)},
             logits,
         )

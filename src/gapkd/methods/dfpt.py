@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..models.base import init_conv_bn
 from .base import Distiller, StepOutput, hparams, register_method
 from .losses import kd_kl

@@ -20,10 +20,14 @@ def mean_pearson_distance(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 @hparams
 class DISTHparams:
-    beta: Annotated[float, Field(ge=0, description="weight of the inter-class relation (rows: one sample's class probabilities)")] = 2.0
-    gamma: Annotated[float, Field(ge=0, description="weight of the intra-class relation (columns: one class across the batch)")] = 2.0
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature; both terms are scaled by its square")] = 4.0
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+    beta: Annotated[float, Field(ge=0)] = 2.0
+    """weight of the inter-class relation (rows: one sample's class probabilities)"""
+    gamma: Annotated[float, Field(ge=0)] = 2.0
+    """weight of the intra-class relation (columns: one class across the batch)"""
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature; both terms are scaled by its square"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
 
 
 @register_method("dist")

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from .base import Distiller, StepOutput, hparams, register_method
+from .base import Distiller, StepOutput, added_later, hparams, register_method
+from .losses import maybe_standardize
 
 
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -37,11 +38,19 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
 @hparams
 class DKDHparams:
-    alpha: Annotated[float, Field(ge=0, description="weight of TCKD (target-class KD)")] = 1.0
-    beta: Annotated[float, Field(ge=0, description="weight of NCKD (non-target KD); mdistiller: 8, or 2/6 for some pairs")] = 8.0
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature")] = 4.0
-    warmup_epochs: Annotated[int, Field(ge=0, description="KD weight ramps as min(epoch / warmup, 1), epochs counted from 1")] = 20
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+    alpha: Annotated[float, Field(ge=0)] = 1.0
+    """weight of TCKD (target-class KD)"""
+    beta: Annotated[float, Field(ge=0)] = 8.0
+    """weight of NCKD (non-target KD); mdistiller: 8, or 2/6 for some pairs"""
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature"""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 20
+    """KD weight ramps as min(epoch / warmup, 1), epochs counted from 1"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
+    logit_standardize: Annotated[bool, added_later()] = False
+    """z-score student and teacher logits before the softmax (Sun et al., CVPR 2024); the authors pair it with a base
+    temperature of 2 and a KD weight of 9"""
 
 
 @register_method("dkd", "decoupled-kd")
@@ -56,7 +65,7 @@ class DKD(Distiller):
         logits = self.student(images)
         h = self.hparams
         ramp = min((step.epoch + 1) / h.warmup_epochs, 1.0) if h.warmup_epochs else 1.0
-        tckd, nckd = dkd_terms(logits, teacher_logits, labels, h.temperature)
+        tckd, nckd = dkd_terms(*maybe_standardize(logits, teacher_logits, h.logit_standardize), labels, h.temperature)
         return StepOutput(
             {"ce": h.ce_weight * F.cross_entropy(logits, labels), "tckd": ramp * h.alpha * tckd, "nckd": ramp * h.beta * nckd},
             logits,

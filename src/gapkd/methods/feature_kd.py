@@ -9,15 +9,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 from .losses import match_spatial
 
 
 @hparams
 class FeatureKDHparams:
-    alpha: Annotated[float, Field(ge=0, le=1, description="feature-loss share; CE gets 1 - alpha (study grid: 0.3, 0.5, 0.7)")] = 0.5
-    beta: Annotated[float, Field(ge=0, description="weight of the cosine term inside the feature loss")] = 0.5
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """feature-loss share; CE gets 1 - alpha (study grid: 0.3, 0.5, 0.7)"""
+    beta: Annotated[float, Field(ge=0)] = 0.5
+    """weight of the cosine term inside the feature loss"""
 
 
 @register_method("feature-kd")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 
 
@@ -33,9 +33,12 @@ def hint_regressor(student_shape, teacher_shape) -> nn.Sequential:
 
 @hparams
 class FitNetHparams:
-    beta: Annotated[float, Field(ge=0, description="weight of the hint MSE (RepDistiller/mdistiller CIFAR: 100)")] = 100.0
-    hint_stage: Annotated[int, Field(ge=0, description="0-based stage whose output is the hint (1 = mdistiller's HINT_LAYER 2)")] = 1
-    ce_weight: Annotated[float, Field(ge=0, description="weight of cross-entropy on the labels")] = 1.0
+    beta: Annotated[float, Field(ge=0)] = 100.0
+    """weight of the hint MSE (RepDistiller/mdistiller CIFAR: 100)"""
+    hint_stage: Annotated[int, Field(ge=0)] = 1
+    """0-based stage whose output is the hint (1 = mdistiller's HINT_LAYER 2)"""
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
+    """weight of cross-entropy on the labels"""
 
 
 @register_method("fitnet", "fitnets", "hint")

@@ -12,8 +12,10 @@ from .losses import kd_kl
 
 @hparams
 class LogitKDHparams:
-    alpha: Annotated[float, Field(ge=0, le=1, description="KD share; CE gets 1 - alpha (study grid: 0.3, 0.5, 0.7)")] = 0.5
-    temperature: Annotated[float, Field(gt=0, description="softmax temperature (study grid: 2, 3, 4)")] = 4.0
+    alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """KD share; CE gets 1 - alpha (study grid: 0.3, 0.5, 0.7)"""
+    temperature: Annotated[float, Field(gt=0)] = 4.0
+    """softmax temperature (study grid: 2, 3, 4)"""
 
 
 @register_method("logit-kd")

@@ -1,6 +1,9 @@
 """Loss functions shared by several methods."""
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,3 +23,29 @@ def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if b.shape[-2:] != (height, width):
         b = F.adaptive_avg_pool2d(b, (height, width))
     return a, b
+
+
+def in_float32(loss):
+    """Decorator: run ``loss`` outside autocast on float32 copies of its tensor arguments. Batch-similarity
+    losses (Gram matrices, pairwise distances, kernels) compare small differences of large sums, which
+    bf16/fp16 matmuls, what autocast would run, round away."""
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return loss(*(a.float() if isinstance(a, Tensor) else a for a in args), **kwargs)
+
+    return wrapper
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Sun et al.'s logit standardisation (CVPR 2024): the z-score of each row, (z - mean) / (eps + std),
+    with the unbiased standard deviation and eps added to it as in the authors' code. A row of equal
+    logits becomes all zeros (the uniform distribution at any temperature)."""
+    logits = logits.float()
+    return (logits - logits.mean(dim=1, keepdim=True)) / (eps + logits.std(dim=1, keepdim=True))
+
+
+def maybe_standardize(student_logits: Tensor, teacher_logits: Tensor, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Both rows z-scored when ``standardize`` (the ``logit_standardize`` switch), else returned untouched."""
+    if not standardize:
+        return student_logits, teacher_logits
+    return standardize_logits(student_logits), standardize_logits(teacher_logits)

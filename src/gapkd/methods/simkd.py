@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..models.base import StagedNet
 from .base import Distiller, StepOutput, hparams, probe_features, register_method
 

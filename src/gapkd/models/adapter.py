@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, suggest
+from ..core.errors import ConfigError, suggest
 from .base import Features, StagedNet
 
 

@@ -13,15 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..engine.checkpoint import safe_load
-from ..errors import CheckpointError
+from ..core.errors import CheckpointError
+from ..core.io import safe_load
+from ..core.rundir import is_model_payload
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "student")
 
 
 def extract_state_dict(payload) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a checkpoint: ours, bare, or inside the usual wrappers."""
-    if isinstance(payload, dict) and payload.get("format") == "gapkd-model":
+    if is_model_payload(payload):
         payload = payload["state_dict"]
     for _ in range(3):
         if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):

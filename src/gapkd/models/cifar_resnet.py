@@ -72,7 +72,30 @@ def make_resnet_layer(block, inplanes: int, planes: int, blocks: int, stride: in
     return nn.Sequential(*layers)
 
 
-class CifarResNet(StagedNet):
+class ResidualPreact:
+    """Mixin for StagedNets whose stages are sequences of :class:`BasicBlock` / :class:`Bottleneck`:
+    ``forward_features`` also fills ``preact`` (each stage's output before its last ReLU; ReviewKD's
+    teacher targets, AB's and OFD's features), and :meth:`preact_bns` names the BN inside each of those
+    sums (OFD's margins)."""
+
+    def forward_features(self, x: Tensor) -> Features:
+        x = self.forward_stem(x)
+        stages, preact = [], []
+        for stage in self.stages:
+            for block in stage[:-1]:
+                x = block(x)
+            preact.append(stage[-1].forward_preact(x))
+            x = F.relu(preact[-1])  # not in place: the pre-activation tensor is kept
+            stages.append(x)
+        pooled, logits = self.forward_head(x)
+        return Features(stages=stages, pooled=pooled, logits=logits, preact=preact)
+
+    def preact_bns(self) -> list[nn.BatchNorm2d]:
+        """The last BN of each stage's last block: the residual branch of the pre-activation sum."""
+        return [stage[-1].bn3 if isinstance(stage[-1], Bottleneck) else stage[-1].bn2 for stage in self.stages]
+
+
+class CifarResNet(ResidualPreact, StagedNet):
     """conv3x3 -> BN -> ReLU stem, three stages (strides 1, 2, 2), global pool, fc."""
 
     def __init__(self, depth: int, widths: list[int], block: str = "basic", num_classes: int = 100, in_channels: int = 3):
@@ -100,19 +123,6 @@ class CifarResNet(StagedNet):
     @property
     def stages(self) -> list[nn.Module]:
         return [self.layer1, self.layer2, self.layer3]
-
-    def forward_features(self, x: Tensor) -> Features:
-        """As StagedNet's, plus ``preact``: each stage's output before its last ReLU (ReviewKD's teacher targets)."""
-        x = self.forward_stem(x)
-        stages, preact = [], []
-        for stage in self.stages:
-            for block in stage[:-1]:
-                x = block(x)
-            preact.append(stage[-1].forward_preact(x))
-            x = F.relu(preact[-1])  # not in place: the pre-activation tensor is kept
-            stages.append(x)
-        pooled, logits = self.forward_head(x)
-        return Features(stages=stages, pooled=pooled, logits=logits, preact=preact)
 
     @property
     def classifier(self) -> nn.Module:

@@ -24,15 +24,15 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import StagedNet, init_conv_bn
-from .cifar_resnet import BasicBlock, Bottleneck, make_resnet_layer
+from .cifar_resnet import BasicBlock, Bottleneck, ResidualPreact, make_resnet_layer
 from .registry import register_model
 
 STEMS = ("imagenet", "cifar")
 
 
-class ResNet(StagedNet):
+class ResNet(ResidualPreact, StagedNet):
     foreign_key_layouts = {
         "RepDistiller / mdistiller CIFAR ResNet (resnetv2.py)": [(r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc.")],
     }

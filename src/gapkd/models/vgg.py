@@ -9,6 +9,7 @@ starts with the zoo's max-pool and ends in the activation; stage outputs equal t
 features f1..f4. As in the zoo, ``pool3`` (before the last stage) only runs for 64x64 inputs
 (Tiny-ImageNet), which is when that stage's input is 8x8; on 32x32 inputs the last two stages
 share one 4x4 resolution. The head is global average pooling + ``classifier`` (512 -> classes).
+``Features.preact`` holds each stage's output before its ReLU (the zoo's ``preact=True`` features).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StagedNet, init_conv_bn
+from .base import Features, StagedNet, init_conv_bn
 from .registry import register_model
 
 # channels of the convs in block0 ... block4
@@ -74,6 +75,21 @@ class VGG(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return F.relu(self.block0(x))
+
+    def preact_bns(self) -> list[nn.BatchNorm2d]:
+        """The last BN of each stage's block, whose output is the stage's pre-activation (OFD's margins)."""
+        return [self.block1[-1], self.block2[-1], self.block3[-1], self.block4[-1]]
+
+    def forward_features(self, x: Tensor) -> Features:
+        """As StagedNet's, plus ``preact``: each stage's output before its ReLU."""
+        x = self.forward_stem(x)
+        stages, preact = [], []
+        for stage in self.stages:
+            preact.append(stage[:-1](x))  # pool + block; the stage's last module is its ReLU
+            x = F.relu(preact[-1])
+            stages.append(x)
+        pooled, logits = self.forward_head(x)
+        return Features(stages=stages, pooled=pooled, logits=logits, preact=preact)
 
     @property
     def classifier(self) -> nn.Module:

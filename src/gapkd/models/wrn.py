@@ -6,7 +6,10 @@ Pre-activation blocks (BN -> ReLU -> conv). Module names match that zoo (``conv1
 Stages: ``block1``, ``block2`` and ``block3`` followed by the network's final BN + ReLU
 (``bn1``, ``relu``), so the last stage ends in an activation and the head is pooling + ``fc``.
 The first two stage outputs are block sums (a pre-activation network has no activation there),
-which is also what the zoo's feature list holds.
+which is also what the zoo's feature list holds. ``Features.preact`` holds what the zoo's
+``preact=True`` features hold: each stage output through the BN that precedes the next ReLU
+(``block2.layer.0.bn1``, ``block3.layer.0.bn1``, ``bn1``), computed once (the next block reuses it,
+so a training step updates those BNs' running statistics once, not twice).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import StagedNet, init_conv_bn
+from .base import Features, StagedNet, init_conv_bn
 from .registry import register_model
 
 
@@ -33,8 +36,9 @@ class BasicBlock(nn.Module):
         # a projection shortcut only where the width or resolution changes
         self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        activated = self.relu1(self.bn1(x))
+    def forward(self, x: Tensor, normed: Tensor | None = None) -> Tensor:
+        """``normed``: ``bn1(x)`` when the caller already computed it (kept, so not activated in place)."""
+        activated = self.relu1(self.bn1(x)) if normed is None else F.relu(normed)
         # with a projection the shortcut starts from the activated input, otherwise from x itself
         shortcut = x if self.equal_in_out else self.convShortcut(activated)
         out = self.relu2(self.bn2(self.conv1(activated)))
@@ -76,6 +80,25 @@ class WideResNet(StagedNet):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.conv1(x)
+
+    def preact_bns(self) -> list[nn.BatchNorm2d]:
+        """The BN each stage output goes through before the next ReLU (OFD's margins)."""
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
+    def forward_features(self, x: Tensor) -> Features:
+        """As StagedNet's, plus ``preact`` (see the module docstring)."""
+        x = self.forward_stem(x)
+        stages, preact, normed = [], [], None
+        for block, bn in zip((self.block1, self.block2, self.block3), self.preact_bns()):
+            x = block.layer[0](x, normed)
+            for layer in block.layer[1:]:
+                x = layer(x)
+            normed = bn(x)
+            preact.append(normed)
+            stages.append(x)
+        stages[-1] = F.relu(normed)  # the last stage ends in the network's final BN + ReLU
+        pooled, logits = self.forward_head(stages[-1])
+        return Features(stages=stages, pooled=pooled, logits=logits, preact=preact)
 
     @property
     def classifier(self) -> nn.Module:

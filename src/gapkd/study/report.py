@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.rundir import RunDir
 from ..engine.runlog import read_metrics
 from .runner import DB_FILE, StudyRunner
 from .spec import StudySpec
@@ -238,7 +239,7 @@ def write_report(spec: StudySpec, study_dir: str | Path | None = None, *, overri
 
 def _metrics(study_dir: Path, row: dict[str, Any]) -> list[dict]:
     run_dir = study_dir / "runs" / ("teachers" if row["role"] == "teacher" else "students") / row["run_name"]
-    relative = (row.get("summary") or {}).get("metrics_file") or "metrics.jsonl"
+    relative = (row.get("summary") or {}).get("metrics_file") or RunDir.METRICS
     return read_metrics(run_dir / relative)
 
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from .. import __version__
 from ..config import RunConfig, build_config
-from ..errors import ConfigError, GapkdError
+from ..core.errors import ConfigError, GapkdError
+from ..core.rundir import RunDir, is_model_payload
+from ..core.version import __version__
 from .spec import PlannedRun, StudySpec, _pipeline, expand, shard
 from .store import ResultStore, worker_id
 
@@ -78,12 +79,13 @@ def model_params(run_dir: Path) -> Optional[int]:
 
     from ..models import create_model
 
-    path = run_dir / "checkpoints" / "best.pt"
+    path = RunDir(run_dir).best
     if not path.is_file():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(payload, dict) or payload.get("format") != "gapkd-model":
+    if not is_model_payload(payload):
         return None
+
     def build():
         return create_model(payload["model"], num_classes=payload["num_classes"], in_channels=payload["in_channels"],
                             **payload.get("options", {}))
@@ -129,8 +131,7 @@ class StudyRunner:
         return [run for run in self.plan if run.key not in known]
 
     def summary(self, run: PlannedRun) -> Optional[dict[str, Any]]:
-        path = self.run_dir(run) / "summary.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return RunDir(self.run_dir(run)).read_summary()
 
     def choose(self, key: tuple, runs: list[PlannedRun]) -> Optional[int]:
         """The configuration with the best validation accuracy (mean over the tuning pairs; ties go to the earlier
@@ -148,14 +149,14 @@ class StudyRunner:
         return self.study_dir / "runs" / run.subdir / run.name
 
     def finished(self, run: PlannedRun) -> bool:
-        return (self.run_dir(run) / "summary.json").is_file()
+        return RunDir(self.run_dir(run)).summary.is_file()
 
     def config(self, run: PlannedRun) -> RunConfig:
         """The run's concrete config: its directory, and the teacher checkpoint it distils from."""
         tree = copy.deepcopy(run.tree)
         tree.update(out_dir=str(self.run_dir(run).parent), name=run.name)
         if run.teacher_key:
-            tree["teacher"]["checkpoint"] = str(self.run_dir(self.by_key[run.teacher_key]) / "checkpoints" / "best.pt")
+            tree["teacher"]["checkpoint"] = str(RunDir(self.run_dir(self.by_key[run.teacher_key])).best)
         return build_config(tree)
 
     def row(self, run: PlannedRun) -> dict[str, Any]:
@@ -250,7 +251,7 @@ class StudyRunner:
     def _record_finished(self, run: PlannedRun, store: ResultStore) -> None:
         """A finished run directory whose row is missing or stale (another worker's crash, a deleted database)."""
         if store.statuses(self.spec.name, [run.key]).get(run.key) != "done":
-            summary = json.loads((self.run_dir(run) / "summary.json").read_text())
+            summary = RunDir(self.run_dir(run)).read_summary()
             store.mark_done({**self.row(run), "params": model_params(self.run_dir(run))}, summary)
 
     def _train(self, run: PlannedRun) -> dict[str, Any]:
@@ -274,11 +275,11 @@ class StudyRunner:
         outcome = pipeline(None, tree, echo=self.echo)
         summary = dict(outcome.get("student", outcome))
         run_dir = self.run_dir(run)
-        final = run_dir / str(summary.get("run", "")) / "metrics.jsonl"
+        final = RunDir(run_dir / str(summary.get("run", ""))).metrics
         summary.update(pipeline=run.pipeline, metrics_file=str(final.relative_to(run_dir)) if final.is_file() else None)
-        from ..engine.checkpoint import atomic_write_text
+        from ..core.io import atomic_write_text
 
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(RunDir(run_dir).summary, json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _dataset(self, cfg: RunConfig):

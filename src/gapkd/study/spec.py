@@ -22,15 +22,15 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import RunConfig, _format_errors, build_config, merge, omit_later_defaults, read_yaml
-from ..errors import ConfigError, suggest
-from ..plugins import import_plugins, plugin_list
+from ..config import RunConfig, _format_errors, build_config, identity_payload, merge, read_yaml
+from ..core.errors import ConfigError, suggest
+from ..core.plugins import import_plugins, plugin_list
 
 #: The stand-in for a teacher checkpoint inside a planned student config; the runner replaces
 #: it with the path of that teacher run's best checkpoint (so the run key is location-free).
 TEACHER_CHECKPOINT_PREFIX = "study-teacher:"
 #: Run-config sections the axes own; a study's base/teacher_config/student_config may not set them.
-AXIS_KEYS = ("student", "teacher", "method", "seed", "name", "out_dir")
+AXIS_KEYS = ("student", "teacher", "method", "seed", "name", "out_dir", "run")
 
 
 class _Strict(BaseModel):
@@ -227,16 +227,48 @@ def resolve_study(source: str | Path | dict[str, Any], budget: Optional[str] = N
 def run_key(cfg: RunConfig, role: str, pipeline: Optional[dict[str, Any]] = None) -> str:
     """What identifies a run across machines: its role and config, without where files are written or
     read from. (The role keeps a teacher apart from a from-scratch student that happens to share its config.)"""
-    payload = omit_later_defaults(cfg.model_dump(mode="json", exclude={"name", "out_dir"}))
+    payload = identity_payload(cfg, "study_key")  # the fields' own marks (gapkd.config.identity)
     payload["role"] = role
-    payload["data"].pop("root", None)
-    if payload["data"].get("path") is not None:  # where the data lies on this machine, like root
-        payload["data"]["path"] = Path(payload["data"]["path"]).name
-    for key in ("log_every", "threads"):
-        payload["train"].pop(key, None)
     if pipeline:
         payload["pipeline"] = pipeline
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _student_jobs(spec: StudySpec, datasets: list[dict], where: str) -> list[tuple]:
+    """(base tree, dataset, pair, method label, method entry, uses a teacher) for every student cell of the grid."""
+    from ..methods import METHODS
+
+    jobs = []
+    for data_section in datasets:
+        base = merge(spec.base, {"data": data_section})
+        dataset = str(base.get("data", {}).get("name", "digits"))
+        for pair in spec.pairs:
+            for label, entry in _pair_methods(spec, pair, where):
+                uses_teacher = METHODS.get(entry.name or label).needs_teacher or entry.pipeline is not None
+                if uses_teacher and pair.teacher is None:
+                    continue  # a baselines-only pair (e.g. a stem ablation) runs teacher-free methods alone
+                jobs.append((base, dataset, pair, label, entry, uses_teacher))
+    return jobs
+
+
+def _plan_tuning_runs(jobs: list[tuple], tuning, shared: set, scope, student_run, students: dict) -> dict[tuple, list["PlannedRun"]]:
+    """The tuning runs, planned first: every configuration of a tuned method once, with the tuning seed;
+    grouped by the choice they compete in, (dataset, scope, method label)."""
+    tune_runs: dict[tuple, list[PlannedRun]] = {}
+    for job in jobs:
+        _, dataset, pair, label, entry, _ = job
+        points = _grid_points(entry.grid, entry.points)
+        if tuning is None or len(points) < 2:
+            continue
+        if (dataset, pair.student, label) in shared and pair.teacher not in tuning.teachers:
+            continue  # chosen on the tuning pairs
+        scope_ = scope(dataset, pair, label)
+        for index, point in enumerate(points):
+            before = len(students)
+            student_run(job, point, tuning.seed, "tune", (dataset, scope_, label, index))
+            if len(students) > before:
+                tune_runs.setdefault((dataset, scope_, label), []).append(list(students.values())[-1])
+    return tune_runs
 
 
 #: ``choose(key, runs)``: the index of the configuration chosen for ``key`` = (dataset, scope, method label) from
@@ -250,8 +282,6 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: 
     With ``spec.tuning``, a method with several configurations first trains each of them with the tuning
     seed (phase ``tune``); its evaluation runs are planned only once ``choose`` names the configuration
     chosen on validation (without ``choose``, or before the tuning runs finish, they are left out)."""
-    from ..methods import METHODS
-
     where = f"study {spec.name}" + (f" (budget {spec.budget})" if spec.budget else "")
     overrides = overrides or {}
 
@@ -297,17 +327,7 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: 
             pipeline=entry.pipeline, pipeline_options=dict(entry.pipeline_options), phase=phase, choice=choice,
         ))
 
-    jobs = []
-    for data_section in datasets:
-        base = merge(spec.base, {"data": data_section})
-        dataset = str(base.get("data", {}).get("name", "digits"))
-        for pair in spec.pairs:
-            for label, entry in _pair_methods(spec, pair, where):
-                uses_teacher = METHODS.get(entry.name or label).needs_teacher or entry.pipeline is not None
-                if uses_teacher and pair.teacher is None:
-                    continue  # a baselines-only pair (e.g. a stem ablation) runs teacher-free methods alone
-                jobs.append((base, dataset, pair, label, entry, uses_teacher))
-
+    jobs = _student_jobs(spec, datasets, where)
     tuning = spec.tuning
     # methods with a pair among tuning.teachers share one choice per student; the others are tuned on each of their pairs
     shared = {(job[1], job[2].student, job[3]) for job in jobs if tuning is not None and tuning.teachers and job[2].teacher in tuning.teachers}
@@ -315,20 +335,7 @@ def expand(spec: StudySpec, overrides: Optional[dict[str, Any]] = None, choose: 
     def scope(dataset: str, pair: PairSpec, label: str) -> str:
         return f"*→{pair.student}" if (dataset, pair.student, label) in shared else f"{pair.teacher}→{pair.student}"
 
-    tune_runs: dict[tuple, list[PlannedRun]] = {}
-    for job in jobs:  # the tuning runs first: every configuration once, with the tuning seed
-        _, dataset, pair, label, entry, _ = job
-        points = _grid_points(entry.grid, entry.points)
-        if tuning is None or len(points) < 2:
-            continue
-        if (dataset, pair.student, label) in shared and pair.teacher not in tuning.teachers:
-            continue  # chosen on the tuning pairs
-        scope_ = scope(dataset, pair, label)
-        for index, point in enumerate(points):
-            before = len(students)
-            student_run(job, point, tuning.seed, "tune", (dataset, scope_, label, index))
-            if len(students) > before:
-                tune_runs.setdefault((dataset, scope_, label), []).append(list(students.values())[-1])
+    tune_runs = _plan_tuning_runs(jobs, tuning, shared, scope, student_run, students)
     for job in jobs:
         _, dataset, pair, label, entry, _ = job
         points = _grid_points(entry.grid, entry.points)
