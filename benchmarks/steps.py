@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from gapkd import teacher_cache
 from gapkd.api import prepare_distiller, resolve_device
 from gapkd.data import build_data
 from gapkd.engine.optim import build_optimizer
@@ -22,8 +23,10 @@ def make_step(cfg, data):
     distiller = prepare_distiller(cfg, bundle, device).train()
     optimizer = build_optimizer(distiller.param_groups(), cfg.optim)
     amp_ctx, _ = autocast_context(device, cfg.train.amp)
+    teacher_cache.attach(cfg, bundle, distiller, device, amp_ctx, log=lambda message: None)  # data.views > 0: cached logits
     batch = next(iter(bundle.train.epoch(0)))
-    info = StepInfo(0, 0, 1, 1, batch.indices, getattr(batch, "strong_images", None))
+    info = StepInfo(0, 0, 1, 1, batch.indices, getattr(batch, "strong_images", None), views=batch.views,
+                    teacher_logits=batch.teacher_logits)
 
     cuda_graphs = uses_cuda_graphs(cfg.train)
 

@@ -40,9 +40,9 @@ EPOCHS = 3  # (a): epoch 1 with its one-off costs, then the steady state
 CIFAR10_JPG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg" / "cifar10-jpg-q75.tar.gz"
 
 
-def benchmark_data(images: int, seed: int = 0) -> ImageData:
-    """Real CIFAR-10 JPEG-copy images when present, else random 32x32 images (same shapes)."""
-    if CIFAR10_JPG.is_file():
+def benchmark_data(images: int, seed: int = 0, real: bool = True) -> ImageData:
+    """Real CIFAR-10 JPEG-copy images when present (and ``real``), else random 32x32 images (same shapes)."""
+    if real and CIFAR10_JPG.is_file():
         from gapkd.config import DataConfig
         from gapkd.data import load_dataset
         from gapkd.data.core import subsample

@@ -44,6 +44,17 @@ def test_recipe_time_runs_a_recipe_with_stated_stand_ins(tmp_path):
     assert not list(tmp_path.glob("runs"))  # the timed run wrote into a temporary folder
 
 
+def test_teacher_cache_benchmark_times_runs_with_and_without_the_cache(tmp_path):
+    out = tmp_path / "e2e.json"
+    _run("teacher_cache.py", "e2e", "--pair", "resnet8:resnet8", "--images", "96", "--batch", "32", "--epochs", "1",
+         "--views", "2", "--study-methods", "kd", "dkd", "--study-seeds", "1", "--data", "random", "--json", str(out), "train.amp=off",
+         cwd=REPO / "benchmarks")
+    result = json.loads(out.read_text())
+    assert result["study_cache"] == {"built": 1, "hit": 1} and result["study_runs"] == 2
+    assert abs(result["single_speedup"] - result["single_no_cache_s"] / result["single_cached_s"]) < 1e-9
+    assert result["cache_bytes"] > 0
+
+
 def test_study_cost_multiplies_each_kind_of_run_out(tmp_path):
     study = tmp_path / "tiny.yaml"
     study.write_text(

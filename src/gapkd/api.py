@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import teacher_cache
 from .build import build_distiller, build_model, load_model, prepare_distiller  # noqa: F401  (part of this API)
 from .config import DataConfig, RunConfig, build_config
 from .core import distributed
@@ -56,6 +57,8 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
     distiller = prepare_distiller(cfg, bundle, device, runtime)
     if dist.enabled:
         distributed.check_supported(distiller)  # before anything is written
+    # data.views > 0: the teacher's logits on every fixed view, computed once and shared (gapkd.teacher_cache)
+    cache_info, cache = teacher_cache.attach(cfg, bundle, distiller, device, runtime.autocast, log=print if echo else _quiet, dist=dist)
     hooks = [h for h in (on_epoch, _diagnostics_hook(cfg, distiller, bundle, runtime.autocast)) if h is not None] if main else []
     teacher_acc = None
     if overwrite and main:
@@ -68,11 +71,11 @@ def run(cfg: RunConfig, *, echo: bool = True, overwrite: bool = False, data: Ima
         if main:
             _write_run_files(cfg, rundir, bundle, dist, device)
             if distiller.teacher is not None:  # only rank 0 writes the summary that reports it
-                teacher_acc = _cached_teacher_accuracy(cfg, rundir, bundle, runtime)
+                teacher_acc = _cached_teacher_accuracy(cfg, rundir, bundle, runtime, cache)
         result = fit(distiller, bundle, cfg, rundir.path, device, echo=echo, on_epoch=_chain(hooks), dist=dist, runtime=runtime)
         summary = result.summary
         if teacher_acc is not None:
-            summary.update(teacher_acc)
+            summary.update(teacher_acc, **cache_info)
             atomic_write_text(rundir.summary, json.dumps(summary, indent=2) + "\n")
     if dist.enabled:
         dist.barrier()
@@ -118,12 +121,17 @@ def _write_run_files(cfg: RunConfig, rundir: RunDir, bundle: DataBundle, dist, d
     atomic_write_text(rundir.env, json.dumps(env, indent=2) + "\n")
 
 
-def _cached_teacher_accuracy(cfg: RunConfig, rundir: RunDir, bundle: DataBundle, runtime: Runtime) -> dict[str, float]:
-    """The teacher's accuracy, measured once per run (teacher_acc.json), not again on every resume."""
+def _quiet(message: str) -> None:
+    pass
+
+
+def _cached_teacher_accuracy(cfg: RunConfig, rundir: RunDir, bundle: DataBundle, runtime: Runtime, cache=None) -> dict[str, float]:
+    """The teacher's accuracy, measured once per run (teacher_acc.json), not again on every resume; from the
+    teacher cache's val/test logits when the run has one (data.views > 0)."""
     cached = read_json_or_none(rundir.teacher_acc)  # None when absent, or torn by a version without atomic writes
     if cached is not None:
         return cached
-    teacher_acc = _teacher_accuracy(cfg, bundle, runtime)
+    teacher_acc = teacher_cache.cached_accuracy(cache, bundle) if cache is not None else _teacher_accuracy(cfg, bundle, runtime)
     atomic_write_text(rundir.teacher_acc, json.dumps(teacher_acc) + "\n")
     return teacher_acc
 

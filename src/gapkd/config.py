@@ -138,6 +138,29 @@ class DataConfig(_Strict):
         "0 decodes in the training process. Batches do not depend on it",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    views: int = Field(
+        0, ge=0, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="0 = fresh random augmentation every step; K > 0 = each training image has K augmentations fixed by "
+        "(data.view_seed, sample, view) and each epoch shows one of them (every view once per K epochs, in an order drawn from "
+        "the run's seed). With K > 0 the frozen teacher's logits on every view are computed once and cached "
+        "(data.teacher_cache), so logit methods skip the teacher's forward (docs/teacher-cache.md)",
+    )
+    view_seed: int = Field(0, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="seed of the K fixed views (shared by the runs of a study so they share one teacher cache)")
+    teacher_cache: bool = Field(
+        True, json_schema_extra=identity(run_hash="never", study_key="never"), description="with data.views > 0: cache the teacher's logits on every view (and on val/test) under "
+        "data.teacher_cache_dir; off = recompute the teacher on the same views every step (same result)",
+    )
+    teacher_cache_dir: Optional[str] = Field(None, json_schema_extra=identity(run_hash="never", study_key="never"), description="where teacher caches live; default $GAPKD_CACHE/teacher-logits")
+    teacher_cache_topk: Optional[int] = Field(
+        None, ge=1, json_schema_extra=identity(run_hash="when-set", study_key="when-set"), description="keep only the top-k logits per view (FKD-style, for >= 1000 classes); the rest are filled so "
+        "that they share the remaining probability mass at temperature 1 (an approximation: docs/teacher-cache.md)",
+    )
+
+    @model_validator(mode="after")
+    def _cache_needs_views(self) -> "DataConfig":
+        if self.teacher_cache_topk is not None and self.views == 0:
+            raise ValueError("data.teacher_cache_topk applies to the teacher cache, which needs fixed views: set data.views=K "
+                             "(e.g. 8) or drop data.teacher_cache_topk")
+        return self
 
 
 class InputConfig(_Strict):

@@ -385,7 +385,9 @@ def _list(args) -> int:
 
         for name in METHODS.names():
             cls = METHODS.get(name)
-            print(f"{name:<12} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
+            # teacher: what a step needs from it; "logits" (+cache): with data.views > 0 its cached logits replace its forward
+            need = cls.teacher_need() + ("+cache" if cls.uses_teacher_cache() and cls.teacher_need() != "logits" else "")
+            print(f"{name:<12} teacher: {need:<15} {cls.describe()}  {cls.hparam_defaults()}" if args.verbose else name)
             if args.verbose and (cls.loss_terms or cls.extra_modules):
                 modules = "; ".join(f"{attr} ({what})" for attr, what in cls.extra_modules.items()) or "none"
                 print(f"    losses: {', '.join(cls.loss_terms) or '?'}; trained modules beside the student: {modules}")

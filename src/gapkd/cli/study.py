@@ -104,6 +104,8 @@ def study_command(args) -> int:
     print(f"{status['study']} [{status['budget']}] in {status['dir']}: {status['done']}/{status['total']} runs done")
     for role, counts in status["counts"].items():
         print(f"  {role}s: " + (", ".join(f"{state} {count}" for state, count in sorted(counts.items())) or "none"))
+    if status.get("teacher_cache"):  # data.views > 0: runs sharing a teacher share its cached logits
+        print("  teacher cache: " + ", ".join(f"{count} {how}" for how, count in sorted(status["teacher_cache"].items())))
     if status["eta"]:
         print(f"  time left for one worker (mean wall time of finished runs x runs left): {status['eta']}")
     for item in status["unfinished"][:20]:

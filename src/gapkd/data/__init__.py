@@ -10,7 +10,7 @@ import torch
 
 from ..core.errors import ConfigError, DataError
 from ..core.registry import Registry
-from . import sources, streaming
+from . import sources, streaming, views
 from .core import ImageData, Split, cache_dir, check_labels, resolve_data_root, stratified_holdout, subsample
 from .loader import Batch, DeviceLoader, Normalizer
 from .streaming import DEFAULT_IMAGE_SIZE, FileSplit, FolderData, StreamingLoader
@@ -175,9 +175,13 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
             crop_padding=cfg.augment.crop_padding, flip=cfg.augment.flip, drop_last=cfg.drop_last and train_mode,
             strong=cfg.augment.strong,
         )
+    if cfg.views > 0:  # fixed augmented views (gapkd.data.views)
+        make_train = views.fixed_view_loader(cfg, data, train, normalizer, device, seed, make)
+    else:
+        make_train = make(train, True, cfg.batch_size)
     return DataBundle(
         data=replace(data, train=train),
-        train=make(train, True, cfg.batch_size),
+        train=make_train,
         val=make(val, False, cfg.eval_batch_size) if len(val) else None,
         test=make(test, False, cfg.eval_batch_size),
     )

@@ -29,6 +29,8 @@ class Batch:
     weight: float = 1.0
     # a second, strongly augmented view of the same samples (data.augment.strong), else None
     strong_images: Tensor | None = None
+    views: Tensor | None = None  # with data.views=K: the fixed view (0..K-1) each sample shows (gapkd.data.views)
+    teacher_logits: Tensor | None = None  # the frozen teacher's cached logits on exactly these views (gapkd.teacher_cache)
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -167,15 +169,24 @@ class DeviceLoader:
             mine = shard_slice(size, self.rank, self.world_size)
             rows = order[start:start + size][mine] if order is not None else slice(start + mine.start, start + mine.stop)
             images = source = self.images[rows]
-            if self.train:  # drawn for the whole global batch, so that each slice gets its own part of them
-                if self.crop_padding > 0:
-                    dy, dx = crop_offsets(size, self.crop_padding, generator)
-                    images = crop(images, self.crop_padding, dy[mine], dx[mine])
-                if self.flip:
-                    images = flip_where(images, flip_draws(size, generator)[mine])
+            if self.train:
+                images = self.augment(images, rows, size, mine, generator, epoch)
             weight = (mine.stop - mine.start) * self.world_size / size if self.world_size > 1 else 1.0
             strong = self.normalize(self.strong_view(source, size, mine, strong_draw)) if self.strong else None
-            yield Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight, strong)
+            yield self.annotate(Batch(self.normalize(images), self.labels[rows], self.indices[rows], weight, strong), rows, epoch)
+
+    def augment(self, images: Tensor, rows, size: int, mine: slice, generator: torch.Generator, epoch: int) -> Tensor:
+        """Random crop and flip, drawn for the whole global batch of ``size`` so that each slice gets its own part of them."""
+        if self.crop_padding > 0:
+            dy, dx = crop_offsets(size, self.crop_padding, generator)
+            images = crop(images, self.crop_padding, dy[mine], dx[mine])
+        if self.flip:
+            images = flip_where(images, flip_draws(size, generator)[mine])
+        return images
+
+    def annotate(self, batch: Batch, rows, epoch: int) -> Batch:
+        """What a subclass adds to a batch (the fixed views' ids and cached teacher logits: gapkd.data.views)."""
+        return batch
 
     def strong_view(self, images: Tensor, size: int, mine: slice, generator: torch.Generator) -> Tensor:
         """The strong view of a (slice of a) global batch of ``size``: its own crop and flip, then RandAugment

@@ -24,6 +24,7 @@ from torch import Tensor
 from ..core.errors import DataError
 from .core import ImageData
 from .loader import Batch, Normalizer, epoch_generator, shard_slice
+from .views import ViewSpec, cached_logits, epoch_views, view_rng
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -278,8 +279,9 @@ class ImageFiles(torch.utils.data.Dataset):
     """Row -> (uint8 HWC array, label, sample id), decoded and transformed for one epoch."""
 
     def __init__(self, split: FileSplit, size: int, *, train: bool, seed: int, epoch: int, scale, ratio, flip: bool,
-                 crop_fraction: float):
+                 crop_fraction: float, views: np.ndarray | None = None, view_seed: int = 0):
         self.split, self.size, self.train, self.seed, self.epoch = split, size, train, seed, epoch
+        self.views, self.view_seed = views, view_seed  # fixed views (data.views): the view of each row this epoch
         self.scale, self.ratio, self.flip, self.crop_fraction = tuple(scale), tuple(ratio), flip, crop_fraction
         self.labels, self.indices = split.labels.numpy(), split.indices.numpy()
 
@@ -291,7 +293,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
         image, _ = decode_rgb(self.split.path(row))
         if self.train:
-            rng = np.random.default_rng([self.seed % 2**32, self.epoch, row])
+            rng = np.random.default_rng([self.seed % 2**32, self.epoch, row]) if self.views is None else \
+                view_rng(self.view_seed, int(self.indices[row]), int(self.views[row]))
             left, top, w, h = random_resized_box(*image.size, self.scale, self.ratio, rng)
             image = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
             if self.flip and rng.random() < 0.5:
@@ -363,9 +366,15 @@ class StreamingLoader:
         return [len(range(*shard_slice(n, self.rank, self.world_size).indices(n))) * self.world_size / n
                 if self.world_size > 1 else 1.0 for n in sizes]
 
+    #: fixed augmented views (data.views; set by gapkd.data.views.fixed_view_loader) and the cached teacher logits
+    views: ViewSpec | None = None
+    teacher_logits: Tensor | None = None
+
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        chosen = epoch_views(self.views.count, self.seed, self.split.indices, epoch) if self.train and self.views else None
         dataset = ImageFiles(self.split, self.size, train=self.train, seed=self.seed, epoch=epoch, scale=self.scale,
-                             ratio=self.ratio, flip=self.flip, crop_fraction=self.crop_fraction)
+                             ratio=self.ratio, flip=self.flip, crop_fraction=self.crop_fraction,
+                             views=chosen.numpy() if chosen is not None else None, view_seed=self.views.seed if self.views else 0)
         pin = self.device.type == "cuda"
         mine = [(rows, weight) for rows, weight in zip(self.batches(epoch), self.weights()) if len(rows)]  # eval slices may be empty
         loader = torch.utils.data.DataLoader(
@@ -373,10 +382,14 @@ class StreamingLoader:
             collate_fn=collate, pin_memory=pin,
         )
         try:
-            for (images, labels, indices), (_, weight) in zip(loader, mine):
+            for (images, labels, indices), (rows, weight) in zip(loader, mine):
                 images = images.to(self.device, non_blocking=pin).permute(0, 3, 1, 2)  # NHWC -> NCHW view (channels_last strides)
-                yield Batch(self.normalize(images), labels.to(self.device, non_blocking=pin), indices.to(self.device, non_blocking=pin),
-                            weight)
+                batch = Batch(self.normalize(images), labels.to(self.device, non_blocking=pin), indices.to(self.device, non_blocking=pin),
+                              weight)
+                if chosen is not None:
+                    batch.views = chosen[rows].to(self.device)
+                    batch.teacher_logits = cached_logits(self.teacher_logits, rows, chosen[rows], self.device)
+                yield batch
         except DataError as error:  # from a worker, it comes back wrapped around the worker's traceback: keep the message
             raise DataError(str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
 

@@ -241,7 +241,8 @@ def _train_step(loop: _Loop, epoch: int, step: int, batch):
     update. Returns the step's output, its loss and the stacked (gradient norms, clip factors) of the clip
     groups, or (None, None, None) for a skipped step (train.nonfinite=skip)."""
     cfg, optimizer, scaler = loop.cfg, loop.optimizer, loop.scaler
-    info = StepInfo(epoch, step, loop.epochs, loop.steps_per_epoch, batch.indices, getattr(batch, "strong_images", None))
+    info = StepInfo(epoch, step, loop.epochs, loop.steps_per_epoch, batch.indices, getattr(batch, "strong_images", None),
+                    views=getattr(batch, "views", None), teacher_logits=getattr(batch, "teacher_logits", None))
     if loop.runtime.cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()
     with loop.runtime.autocast():

@@ -66,6 +66,7 @@ class AIDAdapt(Distiller):
     """AID teacher adaptation (our reading of the abstract): CE + beta*L_inner(T||S_ref) + gamma*L_class(T0||T)."""
 
     Hparams = AIDAdaptHparams
+    teacher_needs = "logits"  # T0's logits only (the cache serves them with data.views > 0); S_ref still runs
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, task: TaskInfo | None = None,
                  reference: nn.Module | None = None, **hyper: Any):
@@ -99,7 +100,7 @@ class AIDAdapt(Distiller):
 
     def forward(self, images, labels, step):
         h = self.hparams
-        original_logits = self.teacher_forward(images).logits
+        original_logits = self.teacher_logits(images, step)
         with torch.no_grad():
             reference_logits = self.reference(images)
         logits = self.student(images)

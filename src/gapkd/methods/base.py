@@ -40,6 +40,8 @@ class StepInfo:
     steps_per_epoch: int
     indices: Tensor | None = None  # stable sample ids of the batch (memory banks such as CRD's)
     strong_images: Tensor | None = None  # the batch's strongly augmented view when data.augment.strong is on (MLKD)
+    views: Tensor | None = None  # with data.views=K: the fixed view (0..K-1) of each sample (gapkd.data.views)
+    teacher_logits: Tensor | None = None  # the frozen teacher's cached logits on exactly this batch (gapkd.teacher_cache)
 
     @property
     def progress(self) -> float:
@@ -98,6 +100,13 @@ class Distiller(nn.Module):
     loss_terms: ClassVar[tuple[str, ...]] = ()
     #: trainable modules the method adds beside the student, attribute name -> what it is (listed by ``gapkd list methods -v``)
     extra_modules: ClassVar[dict[str, str]] = {}
+    #: what the method needs from the teacher each step: "logits" (it calls :meth:`teacher_logits` and nothing
+    #: else of the teacher, so with data.views > 0 the cached logits replace the teacher's forward), "features"
+    #: (it runs the teacher), or "none" (no teacher). None: "features" when needs_teacher, else "none".
+    teacher_needs: ClassVar[str | None] = None
+    #: a "features" method that also reads the teacher's logits through :meth:`teacher_logits` (DFPT-KD's
+    #: original path): the cache is built for it too
+    reads_teacher_logits: ClassVar[bool] = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, task: TaskInfo | None = None, **hyper: Any):
         super().__init__()
@@ -115,6 +124,27 @@ class Distiller(nn.Module):
     def teacher_forward(self, images: Tensor):
         """The teacher's features and logits, without autograd: call it once per step."""
         return self.teacher.forward_features(images)
+
+    def teacher_logits(self, images: Tensor, step: StepInfo | None = None) -> Tensor:
+        """The frozen teacher's logits of ``images``: the cached ones of this batch's views when the step
+        carries them (data.views > 0 with the teacher cache), else the teacher's forward, without autograd."""
+        if step is not None and step.teacher_logits is not None:
+            return step.teacher_logits
+        return self.teacher_forward(images).logits
+
+    @classmethod
+    def teacher_need(cls) -> str:
+        """"none", "logits" or "features": what a step needs from the teacher (see ``teacher_needs``)."""
+        if cls.teacher_needs is not None:
+            if cls.teacher_needs not in ("none", "logits", "features"):
+                raise ValueError(f"{cls.__name__}.teacher_needs must be 'none', 'logits' or 'features', not {cls.teacher_needs!r}")
+            return cls.teacher_needs
+        return "features" if cls.needs_teacher else "none"
+
+    @classmethod
+    def uses_teacher_cache(cls) -> bool:
+        """Whether the teacher cache (data.views > 0) feeds this method's steps."""
+        return cls.teacher_need() == "logits" or cls.reads_teacher_logits
 
     def param_groups(self) -> list[dict]:
         """What the optimiser trains. ``lr_mult`` scales the base learning rate of a group."""

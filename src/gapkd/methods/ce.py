@@ -21,6 +21,7 @@ class CrossEntropy(Distiller):
 
     Hparams = CEHparams
     needs_teacher = False
+    teacher_needs = "none"
 
     def forward(self, images, labels, step):
         logits = self.student(images)

@@ -80,7 +80,7 @@ class CTKD(Distiller):
     """Curriculum-temperature KD: a learned global temperature, adversarial through gradient reversal."""
 
     Hparams = CTKDHparams
-    # uses the teacher's logits only
+    teacher_needs = "logits"
 
     def __init__(self, student, teacher=None, *, task=None, **hyper):
         super().__init__(student, teacher, task=task, **hyper)
@@ -91,7 +91,7 @@ class CTKD(Distiller):
         return cosine_curriculum(epoch + 1, self.hparams.lambda_max, self.hparams.lambda_epochs)
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         tau = self.temperature(self.reversal_strength(step.epoch))

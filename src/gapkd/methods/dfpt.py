@@ -172,6 +172,8 @@ class DFPTKD(Distiller):
     """DFPT-KD: a trained prompt path inside the frozen teacher teaches the student alongside the original path."""
 
     Hparams = DFPTHparams
+    teacher_needs = "features"  # the prompt path runs inside the teacher's stages
+    reads_teacher_logits = True  # the original path's logits come from the teacher cache when there is one
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, **kwargs):
         super().__init__(student, teacher, **kwargs)
@@ -221,18 +223,20 @@ class DFPTKD(Distiller):
             x = self.fusions[key](x)
         return x
 
-    def dual_forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def dual_forward(self, images: Tensor, teacher_logits: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(teacher logits z_T, prompt-path logits z_P). The original path runs without autograd
-        and shares its stem and stages 0..shared_until with the prompt path."""
+        and shares its stem and stages 0..shared_until with the prompt path; given the teacher's
+        cached logits (data.views > 0), its stages after the shared ones are skipped."""
         stages = self.teacher.stages
         with torch.no_grad():
             x = self.teacher.forward_stem(images)
             for stage in stages[: self.shared_until + 1]:
                 x = stage(x)
             shared = x
-            for stage in stages[self.shared_until + 1 :]:
-                x = stage(x)
-            teacher_logits = self.teacher.forward_head(x)[1]
+            if teacher_logits is None:
+                for stage in stages[self.shared_until + 1 :]:
+                    x = stage(x)
+                teacher_logits = self.teacher.forward_head(x)[1]
         x = self.prompt_start(images, shared)
         if self.shared_until >= 0:
             x = self.inject(self.shared_until, x)
@@ -241,7 +245,7 @@ class DFPTKD(Distiller):
         return teacher_logits, self.prompt_head(self.prompt_pool(x))
 
     def forward(self, images, labels, step):
-        teacher_logits, prompt_logits = self.dual_forward(images)
+        teacher_logits, prompt_logits = self.dual_forward(images, step.teacher_logits)
         student_logits = self.student(images)
         return StepOutput(dfpt_losses(student_logits, prompt_logits, teacher_logits, labels, self.hparams), student_logits)
 

@@ -35,9 +35,10 @@ class DIST(Distiller):
     """DIST: CE + tau^2 * (beta * inter-class + gamma * intra-class) Pearson distance of softened predictions."""
 
     Hparams = DISTHparams
+    teacher_needs = "logits"
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         p_s = F.softmax(logits.float() / h.temperature, dim=1)

@@ -58,10 +58,10 @@ class DKD(Distiller):
     """Decoupled KD: ce_weight * CE + warm-up * (alpha * TCKD + beta * NCKD) at temperature tau."""
 
     Hparams = DKDHparams
-    # uses the teacher's logits only
+    teacher_needs = "logits"
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         ramp = min((step.epoch + 1) / h.warmup_epochs, 1.0) if h.warmup_epochs else 1.0

@@ -28,10 +28,10 @@ class KD(Distiller):
     """Vanilla KD: ce_weight * CE + kd_weight * tau^2 * KL(teacher || student) at temperature tau."""
 
     Hparams = KDHparams
-    # uses the teacher's logits only
+    teacher_needs = "logits"
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         soft_student, soft_teacher = maybe_standardize(logits, teacher_logits, h.logit_standardize)

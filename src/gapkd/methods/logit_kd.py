@@ -23,9 +23,10 @@ class LogitKD(Distiller):
     """Capacity-study Logit-KD: alpha * tau^2 * KL(teacher || student) + (1 - alpha) * CE."""
 
     Hparams = LogitKDHparams
+    teacher_needs = "logits"
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         return StepOutput(

@@ -55,10 +55,10 @@ class NKD(Distiller):
     """Normalized KD: CE + teacher-weighted target term + gamma * tau^2 * KD over the renormalised non-target classes."""
 
     Hparams = NKDHparams
-    # uses the teacher's logits only
+    teacher_needs = "logits"  # the teacher cache serves them with data.views > 0
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         target, non_target_term = nkd_terms(logits, teacher_logits, labels, h.temperature)

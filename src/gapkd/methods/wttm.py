@@ -45,10 +45,10 @@ class WTTM(Distiller):
     """Weighted transformed teacher matching: CE + kd_weight * Z * KL(power-transformed teacher || student at T=1)."""
 
     Hparams = WTTMHparams
-    # uses the teacher's logits only
+    teacher_needs = "logits"  # the teacher cache serves them with data.views > 0
 
     def forward(self, images, labels, step):
-        teacher_logits = self.teacher_forward(images).logits
+        teacher_logits = self.teacher_logits(images, step)
         logits = self.student(images)
         h = self.hparams
         return StepOutput(

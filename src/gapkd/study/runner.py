@@ -397,12 +397,15 @@ def study_status(spec: StudySpec, study_dir: str | Path | None = None, *, overri
     counts: dict[str, dict[str, int]] = {"teacher": {}, "student": {}}
     walls: dict[str, list[float]] = {"teacher": [], "student": []}
     unfinished = []
+    cache: dict[str, int] = {}  # finished runs by how they got their teacher's logits (data.views > 0): hit, built, ...
     for run in runner.plan:
         row = rows.get(run.key, {})
         state = "done" if runner.finished(run) else row.get("status") or "pending"
         if state == "running" and worker_alive(row.get("worker")) is False:
             state = "stale"  # its worker was killed: nobody runs it; the next `gapkd study run` resumes it
         counts[run.role][state] = counts[run.role].get(state, 0) + 1
+        if state == "done" and (row.get("summary") or {}).get("teacher_cache"):
+            cache[row["summary"]["teacher_cache"]] = cache.get(row["summary"]["teacher_cache"], 0) + 1
         if state == "done" and row.get("wall_seconds"):
             walls[run.role].append(row["wall_seconds"])
         elif state != "done":
@@ -415,4 +418,4 @@ def study_status(spec: StudySpec, study_dir: str | Path | None = None, *, overri
             left += pending * sum(known) / len(known)
     done = sum(c.get("done", 0) for c in counts.values())
     return {"study": spec.name, "budget": spec.budget, "dir": str(runner.study_dir), "total": len(runner.plan), "done": done,
-            "counts": counts, "unfinished": unfinished, "eta": _duration(left) if left else None}
+            "counts": counts, "unfinished": unfinished, "eta": _duration(left) if left else None, "teacher_cache": cache}
