@@ -19,7 +19,7 @@ LAYERS = [
     {"models", "data", "teachers"},
     {"methods", "testing"},
     {"analysis", "config"},
-    {"engine"},
+    {"engine", "teacher_cache"},
     {"api", "build"},
     {"pipelines", "pipeline_aid"},
     {"study"},

@@ -176,7 +176,7 @@ def build_data(cfg, device: torch.device, seed: int, channels_last: bool = False
             strong=cfg.augment.strong,
         )
     if cfg.views > 0:  # fixed augmented views (gapkd.data.views)
-        make_train = views.fixed_view_loader(cfg, data, train, normalizer, device, seed, make)
+        make_train = views.fixed_view_loader(cfg, train, normalizer, device, seed, make, streamed=isinstance(data, FolderData))
     else:
         make_train = make(train, True, cfg.batch_size)
     return DataBundle(

@@ -132,13 +132,11 @@ def cached_logits(table, rows: Tensor, views: Tensor, device: torch.device) -> T
     return None if table is None else table.lookup(rows, views, device)
 
 
-def fixed_view_loader(cfg, data, train, normalizer, device: torch.device, seed: int, make):
+def fixed_view_loader(cfg, train, normalizer, device: torch.device, seed: int, make, streamed: bool):
     """The training loader of ``data.views=K``: a :class:`ViewLoader` for in-memory data, the streaming
-    loader ``make`` builds with its views set for streamed data."""
-    from .streaming import FolderData
-
+    loader ``make`` builds with its views set for streamed data (``streamed``)."""
     spec = ViewSpec(cfg.views, cfg.view_seed)
-    if isinstance(data, FolderData):
+    if streamed:
         loader = make(train, True, cfg.batch_size)
         loader.views = spec
         return loader
