@@ -138,3 +138,17 @@ def test_dgkd_pipeline_refuses_another_method_with_the_fix(tiny_overrides, teach
     tree = dict(tiny_overrides, teacher={"name": "resnet14", "checkpoint": str(teacher)}, method={"name": "kd"})
     with pytest.raises(ConfigError, match="set method.name=dgkd"):
         pipelines.PIPELINES.get("dgkd")(overrides=tree, assistant="resnet8", echo=False)
+
+
+def test_fixed_views_keep_the_strong_view():
+    """data.views (fixed weak views, issue 17) with data.augment.strong (MLKD, issue 19): batches carry both."""
+    import torch
+
+    from gapkd.config import DataConfig
+    from gapkd.data import build_data
+
+    cfg = DataConfig(name="digits", train_subset=64, test_subset=32, batch_size=16, views=2,
+                     augment={"crop_padding": 1, "flip": True, "strong": True})
+    batch = next(iter(build_data(cfg, torch.device("cpu"), 0).train.epoch(0)))
+    assert batch.views is not None and batch.strong_images is not None
+    assert batch.strong_images.shape == batch.images.shape and not torch.equal(batch.strong_images, batch.images)

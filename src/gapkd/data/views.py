@@ -95,9 +95,9 @@ class ViewLoader(DeviceLoader):
     views, so logit methods skip the teacher's forward."""
 
     def __init__(self, split, batch_size, normalizer, device, *, views: ViewSpec, seed: int = 0, crop_padding: int = 0,
-                 flip: bool = False, drop_last: bool = False):
+                 flip: bool = False, drop_last: bool = False, strong: bool = False):
         super().__init__(split, batch_size, normalizer, device, train=True, seed=seed, crop_padding=crop_padding, flip=flip,
-                         drop_last=drop_last)
+                         drop_last=drop_last, strong=strong)
         self.views = views
         dy, dx, flips = crop_flip_table(views, split.indices, crop_padding, flip)
         self.dy, self.dx, self.flips = dy.to(device), dx.to(device), flips.to(device)
@@ -141,4 +141,4 @@ def fixed_view_loader(cfg, train, normalizer, device: torch.device, seed: int, m
         loader.views = spec
         return loader
     return ViewLoader(train, cfg.batch_size, normalizer, device, views=spec, seed=seed, crop_padding=cfg.augment.crop_padding,
-                      flip=cfg.augment.flip, drop_last=cfg.drop_last)
+                      flip=cfg.augment.flip, drop_last=cfg.drop_last, strong=cfg.augment.strong)
