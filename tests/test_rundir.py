@@ -14,12 +14,25 @@ from gapkd.config import build_config
 from gapkd.core.errors import CheckpointError, ConfigError
 from gapkd.core.rundir import is_model_payload, read_model_payload
 
-OLD_RUN = Path(__file__).parent / "data" / "run-v0.1"  # written by commit d1f7ca4 (the layout before the reorganisation)
+#: config.yaml as commit d1f7ca4 (the layout before the reorganisation) wrote it: top-level name/out_dir, no run: section
+OLD_CONFIG = Path(__file__).parent / "data" / "run-v0.1" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def _old_run_template(tmp_path_factory) -> Path:
+    """A run directory in the previous layout, made here (no binary in the repository): the run of the old
+    config.yaml trained for its 2 epochs on digits, then that config.yaml put back in place of the new writer's.
+    The model payload (format "gapkd-model", version 1, same keys) is the one both layouts write."""
+    out = tmp_path_factory.mktemp("old")
+    cfg = build_config(None, OLD_CONFIG, {"out_dir": str(out)})
+    run(cfg, echo=False)
+    shutil.copyfile(OLD_CONFIG, run_dir_for(cfg) / "config.yaml")
+    return run_dir_for(cfg)
 
 
 @pytest.fixture()
-def old_run(tmp_path) -> RunDir:
-    shutil.copytree(OLD_RUN, tmp_path / "run-v0.1")
+def old_run(tmp_path, _old_run_template) -> RunDir:
+    shutil.copytree(_old_run_template, tmp_path / "run-v0.1", ignore=shutil.ignore_patterns(".lock"))
     return RunDir(tmp_path / "run-v0.1")
 
 
