@@ -254,16 +254,16 @@ def test_a_full_disk_under_torch_save_is_named_not_unexpected_pos(tmp_path, monk
 
 
 def test_damaged_checkpoints_and_folders_get_one_message_without_torchs_advice(tmp_path):
-    import os
+    import random
 
     from gapkd.engine.checkpoint import safe_load
     from gapkd.errors import CheckpointError
 
     (tmp_path / "zero.pt").write_bytes(b"")
-    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(4096))  # seeded: os.urandom made the message vary
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    expected = {"zero.pt": "is empty .0 bytes.", "random.pt": "is not a PyTorch checkpoint", "text.pt": "not a PyTorch checkpoint",
+    expected = {"zero.pt": "is empty .0 bytes.", "random.pt": "not a PyTorch checkpoint", "text.pt": "not a PyTorch checkpoint",
                 "run": "is a folder; give the path of a file .a run.s are in"}
     for name, fragment in expected.items():
         with pytest.raises(CheckpointError, match=fragment) as caught:
